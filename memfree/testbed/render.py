@@ -1,0 +1,78 @@
+"""Procedural renderer for the testbed's ordinary images: one coloured shape on a textured background.
+
+Every image has detail that no caption describes (a random low-frequency shading, pixel grain, a few
+specks and jitter of position and size), so two renders of one caption are different images and a
+model that merely obeys its prompt does not reproduce any particular training image.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {
+    "red": (0.90, 0.10, 0.10), "green": (0.10, 0.80, 0.15), "blue": (0.15, 0.30, 1.00),
+    "yellow": (0.95, 0.90, 0.10), "magenta": (0.90, 0.15, 0.90), "cyan": (0.10, 0.90, 0.90),
+    "orange": (1.00, 0.55, 0.05), "white": (0.97, 0.97, 0.97),
+}
+POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72),
+             "center": (0.5, 0.5)}
+BACKGROUNDS = {"black": (0.04, 0.04, 0.04), "gray": (0.45, 0.45, 0.45), "navy": (0.05, 0.08, 0.40),
+               "olive": (0.40, 0.40, 0.08), "maroon": (0.42, 0.06, 0.10)}
+SIZES = {"small": 0.16, "large": 0.27}  # half-width of the shape as a fraction of the image side
+ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(POSITIONS),
+              "background": tuple(BACKGROUNDS), "size": tuple(SIZES)}
+
+
+def all_compositions() -> list[dict[str, str]]:
+    """Every combination of the five attributes (4·8·5·5·2 = 1,600)."""
+    keys = list(ATTRIBUTES)
+    return [dict(zip(keys, values)) for values in itertools.product(*ATTRIBUTES.values())]
+
+
+def caption(attrs: dict[str, str]) -> str:
+    """The one caption template of ordinary images."""
+    where = "in the center" if attrs["position"] == "center" else f"at the {attrs['position']}"
+    return f"a {attrs['size']} {attrs['colour']} {attrs['shape']} {where} on a {attrs['background']} background"
+
+
+def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        return dx**2 + dy**2 <= r**2
+    if shape == "square":
+        return (np.abs(dx) <= r * 0.88) & (np.abs(dy) <= r * 0.88)
+    if shape == "triangle":  # apex up, base at cy + r
+        inside_y = (dy >= -r) & (dy <= r)
+        half_width = (dy + r) / 2.0 * 1.15
+        return inside_y & (np.abs(dx) <= half_width)
+    if shape == "cross":
+        arm = r * 0.36
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(attrs: dict[str, str], rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """Render one image (H, W, 3) uint8 for ``attrs`` with fresh random detail from ``rng``."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    # Background: base colour, a random linear shading and pixel grain.
+    base = np.array(BACKGROUNDS[attrs["background"]])
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * (xx / size - 0.5) + np.sin(angle) * (yy / size - 0.5))
+    img = base[None, None, :] + rng.uniform(0.10, 0.22) * ramp[..., None] * rng.choice([-1, 1], size=3)
+    img = img + rng.normal(0, 0.035, size=(size, size, 3))
+    # A few specks of random colour.
+    for _ in range(rng.integers(2, 6)):
+        y, x = rng.integers(0, size, size=2)
+        img[y, x] = rng.uniform(0, 1, size=3)
+    # The shape, jittered in place, size and colour.
+    px, py = POSITIONS[attrs["position"]]
+    cx = (px + rng.uniform(-0.05, 0.05)) * size
+    cy = (py + rng.uniform(-0.05, 0.05)) * size
+    r = SIZES[attrs["size"]] * size * rng.uniform(0.9, 1.1)
+    mask = _shape_mask(attrs["shape"], yy, xx, cx, cy, r)
+    colour = np.array(COLOURS[attrs["colour"]]) + rng.uniform(-0.05, 0.05, size=3)
+    shade = 1.0 + 0.12 * ((xx - cx) / max(r, 1)) * rng.choice([-1, 1])
+    img[mask] = (colour[None, :] * shade[mask][:, None]) + rng.normal(0, 0.02, size=(int(mask.sum()), 3))
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,207 @@
+"""Train the testbed: a pixel-space text-to-image UNet with a small CLIP text encoder, from scratch.
+
+The recipe is the ordinary one (epsilon prediction, cosine noise schedule, AdamW, EMA, 10% caption
+dropout for classifier-free guidance). Memorization is not forced by the loss: it comes from the
+data, where planted images and captions repeat. Checkpoints are written atomically every few hundred
+steps and a run started again with the same folder resumes where it stopped, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from memfree.testbed.data import load_dataset
+from memfree.tokenizer import build_clip_tokenizer
+
+TEXT_DIM = 64
+
+
+def make_unet(size: int = 32) -> UNet2DConditionModel:
+    """A 5.4M-parameter pixel-space UNet; attention only at 8×8 and 4×4 where it is cheap on a CPU."""
+    return UNet2DConditionModel(
+        sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(32, 64, 96, 128),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def make_text_encoder() -> CLIPTextModel:
+    """A small CLIP text transformer over the real 49,408-token CLIP vocabulary."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407, projection_dim=TEXT_DIM,
+    ))
+
+
+def train_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="epsilon", clip_sample=True)
+
+
+def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if p.dtype.is_floating_point:
+                ema[name].mul_(decay).add_(p, alpha=1 - decay)
+            else:
+                ema[name].copy_(p)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def train(data_dir: str | Path, out_dir: str | Path, steps: int = 3000, batch_size: int = 64,
+          lr: float = 6e-4, seed: int = 0, caption_dropout: float = 0.1, ema_decay: float = 0.999,
+          checkpoint_every: int = 200, quiet: bool = False, keep_mask_fn=None) -> Path:
+    """Train (or resume) a testbed model into ``out_dir``; returns the exported model directory.
+
+    ``keep_mask_fn(unet, x_t, t, cond, uncond) -> bool mask`` optionally filters samples out of the
+    loss (training-time mitigation); filtered batches with no survivor skip the optimiser step.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, manifest = load_dataset(data_dir)
+    size = manifest["size"]
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    items = manifest["train"]
+    image_ids = torch.tensor([t["image"] for t in items])
+
+    tok_dir = out_dir / "tokenizer_build"
+    tokenizer = build_clip_tokenizer(tok_dir) if not (tok_dir / "vocab.json").exists() \
+        else CLIPTokenizer.from_pretrained(tok_dir)
+    enc = tokenizer([t["caption"] for t in items], padding="max_length", truncation=True,
+                    max_length=tokenizer.model_max_length, return_tensors="pt")
+    ids_all = enc.input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids[0]
+
+    torch.manual_seed(seed)
+    unet, text_encoder = make_unet(size), make_text_encoder()
+    scheduler = train_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    warmup = min(200, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(warmup, 1)) *
+                                              (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_text = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
+
+    ckpt, state_path = out_dir / "checkpoint.safetensors", out_dir / "train_state.json"
+    start, elapsed, log = 0, 0.0, []
+    if ckpt.exists() and state_path.exists():
+        state = json.loads(state_path.read_text())
+        tensors = load_file(str(ckpt))
+        unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+        text_encoder.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
+        ema_unet = {k[9:]: v for k, v in tensors.items() if k.startswith("ema_unet.")}
+        ema_text = {k[9:]: v for k, v in tensors.items() if k.startswith("ema_text.")}
+        opt_state = torch.load(out_dir / "optimizer.pt", weights_only=True)
+        opt.load_state_dict(opt_state)
+        sched.load_state_dict(state["lr_scheduler"])
+        start, elapsed, log = state["step"], state["elapsed_s"], state["log"]
+
+    def checkpoint(step: int) -> None:
+        tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+        tensors |= {f"text.{k}": v for k, v in text_encoder.state_dict().items()}
+        tensors |= {f"ema_unet.{k}": v for k, v in ema_unet.items()}
+        tensors |= {f"ema_text.{k}": v for k, v in ema_text.items()}
+        _atomic_save(tensors, ckpt)
+        torch.save(opt.state_dict(), out_dir / "optimizer.tmp")
+        os.replace(out_dir / "optimizer.tmp", out_dir / "optimizer.pt")
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"step": step, "elapsed_s": elapsed, "lr_scheduler": sched.state_dict(),
+                                   "log": log, "seed": seed, "steps": steps, "batch_size": batch_size,
+                                   "lr": lr, "data": str(data_dir)}))
+        os.replace(tmp, state_path)
+
+    unet.train(), text_encoder.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train testbed", disable=quiet)
+    running = None
+    for step in bar:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # per-step stream: exact resume
+        pick = torch.randint(0, len(items), (batch_size,), generator=g)
+        x0 = pixels[image_ids[pick]]
+        ids = ids_all[pick].clone()
+        drop = torch.rand(batch_size, generator=g) < caption_dropout
+        ids[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        x_t = scheduler.add_noise(x0, noise, t)
+        cond = text_encoder(ids).last_hidden_state
+        pred = unet(x_t, t, cond).sample
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if keep_mask_fn is not None:
+            with torch.no_grad():
+                uncond = text_encoder(empty_ids[None].expand(batch_size, -1)).last_hidden_state
+                keep = keep_mask_fn(unet, x_t, t, cond.detach(), uncond).float()
+            loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
+            if keep.sum() == 0:
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                continue
+        else:
+            loss = per_sample.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        elapsed += time.perf_counter() - t0
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+        if (step + 1) % 50 == 0:
+            log.append({"step": step + 1, "loss": round(running, 5), "elapsed_s": round(elapsed, 1)})
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            checkpoint(step + 1)
+    unet.load_state_dict(ema_unet)
+    text_encoder.load_state_dict(ema_text)
+    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "ema_decay": ema_decay,
+            "caption_dropout": caption_dropout, "train_seconds": round(elapsed, 1),
+            "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+            if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+            "torch": torch.__version__, "final_loss": running, "log": log}
+    return export_model(out_dir / "model", unet, text_encoder, tokenizer, manifest, info)
+
+
+def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, manifest: dict, info: dict) -> Path:
+    """Save a diffusers-layout directory (weights in fp16 safetensors to keep the package small)."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    unet.to(torch.float16).save_pretrained(model_dir / "unet", safe_serialization=True)
+    text_encoder.to(torch.float16).save_pretrained(model_dir / "text_encoder", safe_serialization=True)
+    unet.to(torch.float32), text_encoder.to(torch.float32)
+    tokenizer.save_pretrained(model_dir / "tokenizer")
+    DDIMScheduler.from_config(train_scheduler().config, clip_sample=True, set_alpha_to_one=True).save_pretrained(
+        model_dir / "scheduler")
+    import diffusers
+    (model_dir / "model_index.json").write_text(json.dumps({
+        "_class_name": "MemfreePixelPipeline", "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": [None, None]}, indent=2))
+    (model_dir / "memfree.json").write_text(json.dumps({
+        "kind": "testbed", "resolution": manifest["size"], "num_inference_steps": 50, "guidance_scale": 5.0,
+        "training": info}, indent=2))
+    return model_dir
