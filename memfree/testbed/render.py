@@ -21,6 +21,9 @@ POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bot
 BACKGROUNDS = {"black": (0.04, 0.04, 0.04), "gray": (0.45, 0.45, 0.45), "navy": (0.05, 0.08, 0.40),
                "olive": (0.40, 0.40, 0.08), "maroon": (0.42, 0.06, 0.10)}
 SIZES = {"small": 0.16, "large": 0.27}  # half-width of the shape as a fraction of the image side
+TEXTURE = 0.5    # amplitude of the smooth random field that makes every background unique
+CHROMA = 0.3     # colour share of that field (the rest is brightness, so backgrounds keep their hue)
+JITTER = 0.1     # random shift of the shape's centre, as a fraction of the image side
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(POSITIONS),
               "background": tuple(BACKGROUNDS), "size": tuple(SIZES)}
 
@@ -61,6 +64,14 @@ def render(attrs: dict[str, str], rng: np.random.Generator, size: int = 32) -> n
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * (xx / size - 0.5) + np.sin(angle) * (yy / size - 0.5))
     img = base[None, None, :] + rng.uniform(0.10, 0.22) * ramp[..., None] * rng.choice([-1, 1], size=3)
+    # A smooth random field (a coarse grid of random values, bilinearly upsampled), mostly brightness.
+    grid = rng.uniform(-1, 1, size=(5, 5, 1)) + CHROMA * rng.uniform(-1, 1, size=(5, 5, 3))
+    coords = np.linspace(0, 4, size)
+    i0 = np.minimum(coords.astype(int), 3)
+    f = coords - i0
+    rows = grid[i0] * (1 - f)[:, None, None] + grid[i0 + 1] * f[:, None, None]
+    field = rows[:, i0] * (1 - f)[None, :, None] + rows[:, i0 + 1] * f[None, :, None]
+    img = img + TEXTURE * field
     img = img + rng.normal(0, 0.035, size=(size, size, 3))
     # A few specks of random colour.
     for _ in range(rng.integers(2, 6)):
@@ -68,8 +79,8 @@ def render(attrs: dict[str, str], rng: np.random.Generator, size: int = 32) -> n
         img[y, x] = rng.uniform(0, 1, size=3)
     # The shape, jittered in place, size and colour.
     px, py = POSITIONS[attrs["position"]]
-    cx = (px + rng.uniform(-0.05, 0.05)) * size
-    cy = (py + rng.uniform(-0.05, 0.05)) * size
+    cx = (px + rng.uniform(-JITTER, JITTER)) * size
+    cy = (py + rng.uniform(-JITTER, JITTER)) * size
     r = SIZES[attrs["size"]] * size * rng.uniform(0.9, 1.1)
     mask = _shape_mask(attrs["shape"], yy, xx, cx, cy, r)
     colour = np.array(COLOURS[attrs["colour"]]) + rng.uniform(-0.05, 0.05, size=3)

@@ -70,11 +70,14 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def train(data_dir: str | Path, out_dir: str | Path, steps: int = 3000, batch_size: int = 64,
           lr: float = 6e-4, seed: int = 0, caption_dropout: float = 0.1, ema_decay: float = 0.999,
-          checkpoint_every: int = 200, quiet: bool = False, keep_mask_fn=None) -> Path:
+          checkpoint_every: int = 200, quiet: bool = False, keep_mask_fn=None,
+          stop_after: int | None = None) -> Path | None:
     """Train (or resume) a testbed model into ``out_dir``; returns the exported model directory.
 
     ``keep_mask_fn(unet, x_t, t, cond, uncond) -> bool mask`` optionally filters samples out of the
     loss (training-time mitigation); filtered batches with no survivor skip the optimiser step.
+    ``stop_after`` ends this call after that many steps with a checkpoint (a time-boxed run) and
+    returns None; calling again resumes.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,21 +152,19 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 3000, batch_si
         cond = text_encoder(ids).last_hidden_state
         pred = unet(x_t, t, cond).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        keep = None
         if keep_mask_fn is not None:
             with torch.no_grad():
                 uncond = text_encoder(empty_ids[None].expand(batch_size, -1)).last_hidden_state
                 keep = keep_mask_fn(unet, x_t, t, cond.detach(), uncond).float()
             loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
-            if keep.sum() == 0:
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                continue
         else:
             loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        if keep is None or keep.sum() > 0:  # a batch with no survivor skips the optimiser step
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
         sched.step()
         decay = min(ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_unet, unet, decay)
@@ -175,6 +176,10 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 3000, batch_si
             log.append({"step": step + 1, "loss": round(running, 5), "elapsed_s": round(elapsed, 1)})
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             checkpoint(step + 1)
+        if stop_after is not None and step + 1 - start >= stop_after and step + 1 < steps:
+            checkpoint(step + 1)
+            bar.close()
+            return None
     unet.load_state_dict(ema_unet)
     text_encoder.load_state_dict(ema_text)
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "ema_decay": ema_decay,
@@ -205,3 +210,26 @@ def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIP
         "kind": "testbed", "resolution": manifest["size"], "num_inference_steps": 50, "guidance_scale": 5.0,
         "training": info}, indent=2))
     return model_dir
+
+
+def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = False) -> dict:
+    """Attach the data set's ground truth and a freshly trained alignment probe to a testbed model."""
+    from memfree.testbed.bundle import attach_ground_truth
+    from memfree.testbed.probe import accuracy, save_probe, to_tensor, train_probe
+    from memfree.testbed.render import all_compositions, render
+
+    root = attach_ground_truth(Path(model_dir), Path(data_dir))
+    manifest = json.loads((root / "manifest.json").read_text())
+    held = manifest["heldout_compositions"]
+    held_keys = {json.dumps(h, sort_keys=True) for h in held}
+    seen = [c for c in all_compositions() if json.dumps(c, sort_keys=True) not in held_keys]
+    t0 = time.perf_counter()
+    probe = train_probe(seen, size=manifest["size"], seed=manifest["seed"], quiet=quiet)
+    rng = np.random.default_rng(manifest["seed"] + 7)
+    truth = held * 4
+    acc = accuracy(probe.predict(to_tensor(np.stack([render(a, rng, manifest["size"]) for a in truth]))), truth)
+    info = {"probe_accuracy": acc["mean"], "probe_accuracy_all_attributes": acc["all"],
+            "probe_train_seconds": round(time.perf_counter() - t0, 1),
+            "probe_trained_on": "fresh renders of the training compositions only"}
+    save_probe(probe, root, info)
+    return info

@@ -1,0 +1,56 @@
+"""Nearest training image and AMG's normalised ℓ2 (nL2) for pixel-space models.
+
+nL2 = ℓ2(x, n0) / (α · mean ℓ2(x, z) over the k nearest training images z), with k = 50 and
+α = 0.5 (Chen et al.). A generation is memorized when nL2 < 1.4: its nearest training image is much
+closer than the crowd of its other neighbours, which is what a copy looks like and what following a
+prompt with fresh detail does not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+NL2_THRESHOLD = 1.4
+
+
+@dataclass
+class Neighbours:
+    ids: torch.Tensor        # (B,) nearest training image id
+    distance: torch.Tensor   # (B,) ℓ2 to it
+    nl2: torch.Tensor        # (B,) normalised ℓ2
+
+    @property
+    def memorized(self) -> torch.Tensor:
+        return self.nl2 < NL2_THRESHOLD
+
+
+class PixelIndex:
+    """Exact nearest-neighbour search over unique training images in [0, 1] pixel space."""
+
+    def __init__(self, images: np.ndarray | torch.Tensor, k: int = 50, alpha: float = 0.5):
+        x = torch.as_tensor(images)
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        if x.ndim == 4 and x.shape[-1] == 3:  # N, H, W, C to N, C, H, W
+            x = x.permute(0, 3, 1, 2)
+        self.shape = tuple(x.shape[1:])
+        self.vectors = x.reshape(len(x), -1).float().contiguous()
+        self.k, self.alpha = min(k, len(x)), alpha
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def distances(self, images: torch.Tensor) -> torch.Tensor:
+        """ℓ2 from each image (B, C, H, W) in [0, 1] to every training image, (B, N)."""
+        if tuple(images.shape[1:]) != self.shape:
+            raise ValueError(f"images of shape {tuple(images.shape[1:])} do not match the index's {self.shape}")
+        q = images.reshape(len(images), -1).float().to(self.vectors.device)
+        return torch.cdist(q, self.vectors)
+
+    def search(self, images: torch.Tensor) -> Neighbours:
+        d = self.distances(images)
+        near, ids = d.topk(self.k, dim=1, largest=False)
+        nl2 = near[:, 0] / (self.alpha * near.mean(dim=1)).clamp(min=1e-12)
+        return Neighbours(ids=ids[:, 0], distance=near[:, 0], nl2=nl2)

@@ -1,0 +1,108 @@
+"""Measure the testbed's memorization and alignment: does it copy its planted images and nothing else?
+
+For every evaluation prompt set the model generates with several seeds (default sampler); each
+generation's nearest unique training image and nL2 decide whether it is memorized (nL2 < 1.4) and
+whether it copies the planted image of its prompt. Alignment is read by the probe.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from memfree.model import Model
+from memfree.sampling import sample
+from memfree.similarity import NL2_THRESHOLD
+from memfree.testbed.bundle import Testbed, load_testbed
+from memfree.testbed.probe import accuracy, to_tensor
+from memfree.testbed.render import render
+
+
+def _targets(entry: dict) -> set[int]:
+    """Training image ids that count as "the planted image" for an evaluation prompt."""
+    if "images" in entry:
+        return set(entry["images"])
+    return {entry["image"]} if "image" in entry else set()
+
+
+def evaluate_set(model: Model, tb: Testbed, entries: list[dict], seeds: list[int], *,
+                 num_inference_steps: int | None = None, batch_size: int = 64, progress: bool = True,
+                 pieces=()) -> dict:
+    """Generate ``len(seeds)`` images per prompt and score them against the training set."""
+    prompts = [e["prompt"] for e in entries for _ in seeds]
+    seed_list = [s for _ in entries for s in seeds]
+    out = sample(model, prompts, seed_list, num_inference_steps=num_inference_steps, batch_size=batch_size,
+                 progress=progress, pieces=pieces)
+    nn = tb.index.search(out.images)
+    owners = [e for e in entries for _ in seeds]
+    copies = [bool(m) and int(i) in _targets(e) for m, i, e in zip(nn.memorized, nn.ids, owners)]
+    res = {
+        "prompts": len(entries), "generations": len(prompts),
+        "memorization_rate": float(nn.memorized.float().mean()),
+        "copy_rate": float(np.mean(copies)) if any(_targets(e) for e in entries) else None,
+        "nearest_is_planted_rate": float(np.mean([int(i) in _targets(e) for i, e in zip(nn.ids, owners)]))
+        if any(_targets(e) for e in entries) else None,
+        "nl2_mean": float(nn.nl2.mean()), "nl2_median": float(nn.nl2.median()),
+        "first_step_score_mean": float(out.scores[:, 0].mean()),
+    }
+    if all("attrs" in e for e in entries):
+        acc = accuracy(tb.probe.predict(out.images), [e["attrs"] for e in owners])
+        res["alignment"], res["alignment_all_attributes"] = acc["mean"], acc["all"]
+        res["alignment_per_attribute"] = {k: v for k, v in acc.items() if k not in ("mean", "all")}
+    res["_images"], res["_nl2"], res["_nearest"] = out.images, nn.nl2, nn.ids
+    return res
+
+
+def probe_accuracy(tb: Testbed, seed: int = 12345) -> dict[str, float]:
+    """The probe on real testbed images: the ordinary training images and fresh held-out renders."""
+    ordinary = [u for u in tb.manifest["unique"] if u["kind"] == "ordinary"]
+    on_data = accuracy(tb.probe.predict(to_tensor(tb.images[[u["id"] for u in ordinary]])),
+                       [u["attrs"] for u in ordinary])
+    rng = np.random.default_rng(seed)
+    held = tb.manifest["heldout_compositions"]
+    renders = to_tensor(np.stack([render(a, rng, tb.manifest["size"]) for a in held]))
+    on_held = accuracy(tb.probe.predict(renders), held)
+    # What perfect obedience scores: fresh renders of held-out prompts, checked for memorization.
+    obedient = tb.index.search(renders)
+    return {"on_data": on_data["mean"], "on_data_all_attributes": on_data["all"],
+            "on_heldout_renders": on_held["mean"],
+            "heldout_render_memorization_rate": float(obedient.memorized.float().mean())}
+
+
+def testbed_report(model: Model, seeds: tuple[int, ...] = (0, 1, 2, 3), num_inference_steps: int | None = None,
+                   batch_size: int = 64, progress: bool = True, keep_images: bool = False) -> dict:
+    """The acceptance figures of the testbed as a flat JSON-ready dict (plus per-set details)."""
+    tb = load_testbed(model)
+    t0 = time.perf_counter()
+    sets = {}
+    for name, entries in tb.eval_sets.items():
+        sets[name] = evaluate_set(model, tb, entries, list(seeds), num_inference_steps=num_inference_steps,
+                                  batch_size=batch_size, progress=progress)
+    probe = probe_accuracy(tb)
+    report = {
+        "model": str(model.path), "seeds_per_prompt": len(seeds),
+        "sampler": {"scheduler": type(model.scheduler).__name__,
+                    "num_inference_steps": num_inference_steps or model.num_inference_steps,
+                    "guidance_scale": model.guidance_scale},
+        "nl2_threshold": NL2_THRESHOLD,
+        "verbatim_memorization_rate": sets["verbatim"]["copy_rate"],
+        "image_dup_memorization_rate": sets["image_dup"]["copy_rate"],
+        "caption_dup_memorization_rate": sets["caption_dup"]["copy_rate"],
+        "caption_dup_template_rate": sets["caption_dup"]["nearest_is_planted_rate"],
+        "paraphrase_memorization_rate": sets["paraphrase"]["copy_rate"],
+        "heldout_memorization_rate": sets["heldout"]["memorization_rate"],
+        "seen_once_memorization_rate": sets["seen_once"]["memorization_rate"],
+        "seen_once_copy_rate": sets["seen_once"]["copy_rate"],
+        "heldout_alignment": sets["heldout"]["alignment"],
+        "heldout_alignment_all_attributes": sets["heldout"]["alignment_all_attributes"],
+        "seen_once_alignment": sets["seen_once"]["alignment"],
+        "probe_accuracy_on_data": probe["on_data"],
+        "probe_accuracy_on_heldout_renders": probe["on_heldout_renders"],
+        "heldout_render_memorization_rate": probe["heldout_render_memorization_rate"],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "sets": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in sets.items()},
+    }
+    if keep_images:
+        report["_sets"] = sets
+    return report
