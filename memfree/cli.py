@@ -21,16 +21,14 @@ scheduler_option = click.option("--scheduler", default="ddim", show_default=True
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
 
 
-def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
-    """Prompts from arguments and/or a file with one prompt per line; an empty list is an error."""
+def read_prompts(prompts: tuple[str, ...], prompts_file: str | None, column: str | None = None) -> list[str]:
+    """Prompts from arguments and/or a file (text, CSV or JSONL); an empty list is an error."""
+    from memfree.detect import read_prompt_file
     out = list(prompts)
     if prompts_file:
-        path = Path(prompts_file)
-        if not path.exists():
-            raise click.BadParameter(f"{path} does not exist", param_hint="--prompts")
-        out += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out += read_prompt_file(prompts_file, column)
     if not out:
-        raise click.UsageError("no prompts given: pass PROMPT arguments or --prompts FILE with one prompt a line")
+        raise click.UsageError("no prompts given: pass PROMPT arguments or --prompts FILE")
     if any(not p.strip() for p in out):
         raise click.UsageError("empty prompt given")
     return out
@@ -70,7 +68,7 @@ def demo(model_path, out, seed, scheduler, quiet):
 
 @cli.command()
 @click.argument("prompts", nargs=-1)
-@click.option("--prompts", "prompts_file", default=None, metavar="FILE", help="One prompt a line.")
+@click.option("--prompts", "prompts_file", default=None, metavar="FILE", help="Prompts file (text, CSV, JSONL).")
 @model_option
 @click.option("--seed", default=0, show_default=True, help="Image i of a request uses seed + i.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
@@ -102,6 +100,74 @@ def generate(prompts, prompts_file, model_path, seed, steps, guidance, scheduler
             click.echo(f"{r['image']}  score {r['first_step_score']:.3f}  {r['prompt']}")
 
 
+prompts_file_option = click.option("--prompts", "prompts_file", default=None, metavar="FILE",
+                                   help="Prompts file: one a line, or CSV/JSONL with --column.")
+column_option = click.option("--column", default=None, help="Column of a CSV/JSONL prompts file.")
+
+
+@cli.command()
+@click.argument("prompts", nargs=-1)
+@prompts_file_option
+@column_option
+@model_option
+@click.option("--steps", default=1, show_default=True, help="Score the first K sampling steps.")
+@click.option("--generations", default=1, show_default=True, help="Average over N starting noises.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@quiet_option
+def detect(prompts, prompts_file, column, model_path, steps, generations, seed, as_json, quiet):
+    """Score prompts for memorization (Wen et al.): mean ‖ε_c − ε_u‖₂, threshold and verdict."""
+    from memfree.detect import detect as run
+    prompts = read_prompts(prompts, prompts_file, column)
+    res = run(_load(model_path), prompts, steps=steps, generations=generations, seed=seed, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in res], indent=2))
+        return
+    for r in res:
+        verdict = "uncalibrated" if r.memorized is None else ("MEMORIZED" if r.memorized else "ok")
+        click.echo(f"{r.score:9.4f}  {verdict:12s} {r.prompt}")
+    if res and res[0].threshold is not None:
+        click.echo(f"threshold {res[0].threshold:.4f}")
+
+
+@cli.command()
+@click.argument("prompt")
+@model_option
+@click.option("--steps", default=1, show_default=True)
+@click.option("--generations", default=1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def explain(prompt, model_path, steps, generations, seed, as_json):
+    """Per-word significance for memorization; the terminal colours words by significance."""
+    from memfree.explain import explain as run
+    res = run(_load(model_path), prompt, steps=steps, generations=generations, seed=seed)
+    if as_json:
+        click.echo(json.dumps(res.to_dict(), indent=2))
+        return
+    top = max(res.significance) if res.significance else 1.0
+    colours = ["bright_black", "white", "yellow", "bright_red"]
+    words = [click.style(w, fg=colours[min(3, int(4 * s / (top + 1e-12)))], bold=s == top)
+             for w, s in zip(res.words, res.significance)]
+    click.echo(" ".join(words))
+    click.echo(f"score {res.score:.4f}; " + ", ".join(f"{w}={s:.3g}" for w, s in zip(res.words, res.significance)))
+
+
+@cli.command()
+@prompts_file_option
+@column_option
+@model_option
+@click.option("--fpr", default=0.01, show_default=True, help="False-positive rate allowed on these prompts.")
+@click.option("--steps", default=1, show_default=True)
+@click.option("--generations", default=1, show_default=True)
+@quiet_option
+def calibrate(prompts_file, column, model_path, fpr, steps, generations, quiet):
+    """Set the detection threshold from ordinary prompts and store it in the model's memfree.json."""
+    from memfree.detect import calibrate as run
+    prompts = read_prompts((), prompts_file, column)
+    entry = run(_load(model_path), prompts, fpr=fpr, steps=steps, generations=generations, progress=not quiet)
+    click.echo(json.dumps(entry, indent=2))
+
+
 @cli.group(cls=FriendlyGroup)
 def testbed() -> None:
     """Build, train and measure memfree's testbed model."""
@@ -120,15 +186,20 @@ def testbed_data(out, seed):
 @testbed.command("train")
 @click.option("--data", "data_dir", required=True, help="Folder written by `memfree testbed data`.")
 @click.option("--out", required=True, help="Run folder: checkpoints, then the model in OUT/model.")
-@click.option("--steps", default=3200, show_default=True)
+@click.option("--steps", default=6000, show_default=True, help="Total steps (also the length of the LR schedule).")
+@click.option("--stop-after", type=int, default=None, help="Stop this call after N steps with a checkpoint.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=6e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @quiet_option
-def testbed_train(data_dir, out, steps, batch_size, lr, seed, quiet):
+def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, quiet):
     """Train (or resume) the testbed model, then attach its ground truth and alignment probe."""
     from memfree.testbed.train import finish_model, train
-    model_dir = train(data_dir, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet)
+    model_dir = train(data_dir, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
+                      stop_after=stop_after)
+    if model_dir is None:
+        click.echo(f"stopped with a checkpoint in {out}; run again to resume")
+        return
     info = finish_model(model_dir, data_dir, quiet=quiet)
     click.echo(f"model in {model_dir}; probe accuracy on held-out renders {info['probe_accuracy']:.3f}")
 

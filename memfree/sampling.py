@@ -84,11 +84,13 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
            num_inference_steps: int | None = None, guidance_scale: float | None = None,
            pieces: Sequence[Piece] = (), latents: torch.Tensor | None = None, batch_size: int = 16,
            prompt_embeds: torch.Tensor | None = None, progress: bool = True,
-           step_generator: torch.Generator | None = None) -> SampleOutput:
+           step_generator: torch.Generator | None = None, max_steps: int | None = None) -> SampleOutput:
     """Generate one image per prompt with classifier-free guidance.
 
     ``seeds`` is one seed per prompt (or a base seed: image i gets base + i); ``latents`` overrides
     them with explicit unscaled x_T. ``prompt_embeds`` (N, L, D) replaces the text encoder's output.
+    ``max_steps`` stops after that many steps without decoding (detection needs only the first few);
+    ``images`` is then empty and ``x0`` holds the x̂0 of the last step taken.
     """
     prompts = list(prompts)
     if not prompts:
@@ -105,7 +107,8 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
 
     sched = model.scheduler
     images, finals, scores = [], [], []
-    bar = tqdm(total=n * steps, desc="sampling", unit="img·step", disable=not progress)
+    run_steps = steps if max_steps is None else min(steps, max_steps)
+    bar = tqdm(total=n * run_steps, desc="sampling", unit="img·step", disable=not progress)
     for lo in range(0, n, batch_size):
         idx = list(range(lo, min(n, lo + batch_size)))
         b = len(idx)
@@ -115,6 +118,7 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
         sched.set_timesteps(steps, device=model.device)
         x = x_T[idx].to(model.device, model.dtype) * sched.init_noise_sigma
         batch_scores = []
+        last_x0 = None
         for k, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
             with torch.no_grad():
@@ -129,13 +133,20 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
             batch_scores.append(state.score)
             for piece in pieces:
                 piece(state)
+            if max_steps is not None and k + 1 >= max_steps:
+                last_x0 = state.x0
+                bar.update(b)
+                break
             model_out = _from_eps(model, state.eps, x_in.float(), a).to(model.dtype)
             x = sched.step(model_out, t, x, generator=step_generator).prev_sample
             bar.update(b)
-        with torch.no_grad():
-            images.append(model.decode(x).cpu())
-        finals.append(x.float().cpu())
+        if last_x0 is not None:
+            finals.append(last_x0.cpu())
+        else:
+            with torch.no_grad():
+                images.append(model.decode(x).cpu())
+            finals.append(x.float().cpu())
         scores.append(torch.stack(batch_scores, dim=1).cpu())
     bar.close()
-    return SampleOutput(images=torch.cat(images), x0=torch.cat(finals), scores=torch.cat(scores),
+    return SampleOutput(images=torch.cat(images) if images else torch.empty(0), x0=torch.cat(finals), scores=torch.cat(scores),
                         timesteps=[int(t) for t in sched.timesteps])

@@ -1,0 +1,36 @@
+"""The command line: clear one-line errors for bad input, and working commands on a real-layout model."""
+import json
+
+from click.testing import CliRunner
+
+from memfree.cli import cli
+
+
+def test_bad_input_gives_clear_errors(tmp_path, tiny_sd_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["generate", "--model", str(tiny_sd_path)])
+    assert r.exit_code == 2 and "no prompts given" in r.output
+    r = runner.invoke(cli, ["generate", "a cat", "--model", str(tmp_path / "missing")])
+    assert r.exit_code == 1 and "does not exist" in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli, ["generate", "a cat", "--model", str(tiny_sd_path), "--scheduler", "plms"])
+    assert r.exit_code == 1 and "unknown scheduler 'plms'" in r.output
+    (tmp_path / "empty.txt").write_text("\n")
+    r = runner.invoke(cli, ["detect", "--prompts", str(tmp_path / "empty.txt"), "--model", str(tiny_sd_path)])
+    assert r.exit_code == 1 and "holds no prompts" in r.output
+    (tmp_path / "p.csv").write_text("a,b\n1,2\n")
+    r = runner.invoke(cli, ["detect", "--prompts", str(tmp_path / "p.csv"), "--column", "prompt",
+                            "--model", str(tiny_sd_path)])
+    assert r.exit_code == 1 and "no column 'prompt'" in r.output
+
+
+def test_generate_and_detect_json(tmp_path, tiny_sd_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["generate", "a cat", "a dog", "--model", str(tiny_sd_path), "--steps", "2",
+                            "--out", str(tmp_path / "out"), "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["images"]
+    assert [x["seed"] for x in rows] == [0, 1] and all((tmp_path / "out" / f"000{i}.png").exists() for i in (0, 1))
+    r = runner.invoke(cli, ["detect", "a cat", "--model", str(tiny_sd_path), "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    det = json.loads(r.output)[0]
+    assert det["prompt"] == "a cat" and det["score"] > 0 and len(det["per_step"]) == 1
