@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# Pin torch first: a bare torch requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[testbed,test]'
+	$(PY) -m pip install -q -e '.[testbed,bench,test]'
 	# The CLIP BPE vocabulary ships in this wheel; its torchvision dependency is not wanted.
 	$(PY) -m pip install -q --no-deps clip-anytorch==2.6.0
 	touch $@

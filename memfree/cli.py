@@ -79,9 +79,8 @@ def demo(model_path, out, seed, scheduler, quiet):
 @quiet_option
 def generate(prompts, prompts_file, model_path, seed, steps, guidance, scheduler, out, as_json, quiet):
     """Generate images, with the free per-step detection score of each."""
-    import numpy as np
     from PIL import Image
-    from memfree.sampling import sample
+    from memfree.sampling import sample, to_uint8
     prompts = read_prompts(prompts, prompts_file)
     model = _load(model_path, scheduler)
     res = sample(model, prompts, seed, num_inference_steps=steps, guidance_scale=guidance, progress=not quiet)
@@ -90,7 +89,7 @@ def generate(prompts, prompts_file, model_path, seed, steps, guidance, scheduler
     rows = []
     for i, (p, img) in enumerate(zip(prompts, res.images)):
         path = out_dir / f"{i:04d}.png"
-        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+        Image.fromarray(to_uint8(img)).save(path)
         rows.append({"prompt": p, "seed": seed + i, "image": str(path),
                      "first_step_score": float(res.scores[i, 0])})
     if as_json:
@@ -169,6 +168,25 @@ def calibrate(prompts_file, column, model_path, fpr, steps, generations, quiet):
 
 
 @cli.group(cls=FriendlyGroup)
+def bench() -> None:
+    """Benchmarks on the testbed."""
+
+
+@bench.command("detect")
+@model_option
+@click.option("--json", "json_out", default="bench-detect.json", show_default=True, metavar="OUT")
+@click.option("--plot", default="bench-detect-roc.png", show_default=True, metavar="PNG")
+@click.option("--negatives", default=100, show_default=True, help="Prompts per negative set.")
+@quiet_option
+def bench_detect(model_path, json_out, plot, negatives, quiet):
+    """Detectors side by side: AUC, TPR@1%FPR and seconds per prompt; explanation by deletion."""
+    from memfree.bench.detect import format_table, run_bench
+    res = run_bench(_load(model_path), json_out, plot, n_negative=negatives, progress=not quiet)
+    click.echo(format_table(res))
+    click.echo(f"wrote {json_out} and {plot}")
+
+
+@cli.group(cls=FriendlyGroup)
 def testbed() -> None:
     """Build, train and measure memfree's testbed model."""
 
@@ -186,7 +204,7 @@ def testbed_data(out, seed):
 @testbed.command("train")
 @click.option("--data", "data_dir", required=True, help="Folder written by `memfree testbed data`.")
 @click.option("--out", required=True, help="Run folder: checkpoints, then the model in OUT/model.")
-@click.option("--steps", default=6000, show_default=True, help="Total steps (also the length of the LR schedule).")
+@click.option("--steps", default=5000, show_default=True, help="Total steps (also the length of the LR schedule).")
 @click.option("--stop-after", type=int, default=None, help="Stop this call after N steps with a checkpoint.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=6e-4, show_default=True)

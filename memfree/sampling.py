@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -53,6 +54,16 @@ class SampleOutput:
     x0: torch.Tensor                          # final sample in model space (latents or pixels)
     scores: torch.Tensor                      # (N, steps) ‖ε_c − ε_u‖₂ per image and step
     timesteps: list[int] = field(default_factory=list)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images in [0, 1], (N, 3, H, W) or (3, H, W), to uint8 arrays in (…, H, W, 3) order for PIL."""
+    return (images.detach().float().clamp(0, 1) * 255).round().byte().movedim(-3, -1).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) to float (N, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
 
 
 def initial_noise(model: Model, seeds: Sequence[int]) -> torch.Tensor:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from memfree.sampling import from_uint8
+
 NL2_THRESHOLD = 1.4
 
 
@@ -30,11 +32,8 @@ class PixelIndex:
     """Exact nearest-neighbour search over unique training images in [0, 1] pixel space."""
 
     def __init__(self, images: np.ndarray | torch.Tensor, k: int = 50, alpha: float = 0.5):
-        x = torch.as_tensor(images)
-        if x.dtype == torch.uint8:
-            x = x.float() / 255
-        if x.ndim == 4 and x.shape[-1] == 3:  # N, H, W, C to N, C, H, W
-            x = x.permute(0, 3, 1, 2)
+        """``images``: uint8 (N, H, W, 3) as stored, or float (N, C, H, W) in [0, 1]."""
+        x = from_uint8(images) if isinstance(images, np.ndarray) and images.dtype == np.uint8 else torch.as_tensor(images)
         self.shape = tuple(x.shape[1:])
         self.vectors = x.reshape(len(x), -1).float().contiguous()
         self.k, self.alpha = min(k, len(x)), alpha
@@ -47,7 +46,8 @@ class PixelIndex:
         if tuple(images.shape[1:]) != self.shape:
             raise ValueError(f"images of shape {tuple(images.shape[1:])} do not match the index's {self.shape}")
         q = images.reshape(len(images), -1).float().to(self.vectors.device)
-        return torch.cdist(q, self.vectors)
+        # The direct difference, not the |a|²+|b|²−2ab shortcut, so an exact copy is at distance 0.
+        return torch.cdist(q, self.vectors, compute_mode="donot_use_mm_for_euclid_dist")
 
     def search(self, images: torch.Tensor) -> Neighbours:
         d = self.distances(images)

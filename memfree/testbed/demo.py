@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from memfree.model import Model
+from memfree.sampling import to_uint8
 from memfree.testbed.bundle import load_testbed
 from memfree.testbed.report import evaluate_set
 
@@ -26,7 +27,7 @@ SECTIONS = (("verbatim", 8, "Verbatim: one photo, one caption, 50 copies in trai
 
 def _png(img: np.ndarray | torch.Tensor, scale: int = 4) -> str:
     if isinstance(img, torch.Tensor):
-        img = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        img = to_uint8(img)
     im = Image.fromarray(img)
     im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     buf = io.BytesIO()

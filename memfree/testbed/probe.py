@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from memfree.sampling import from_uint8
 from memfree.testbed.render import ATTRIBUTES, render
 
 
@@ -46,11 +47,6 @@ class Probe(nn.Module):
         return [{k: ATTRIBUTES[k][idx[k][i]] for k in ATTRIBUTES} for i in range(len(x))]
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) to float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-
-
 def accuracy(pred: list[dict[str, str]], truth: list[dict[str, str]]) -> dict[str, float]:
     """Per-attribute accuracy, their mean (``mean``) and the share with every attribute right (``all``)."""
     out = {k: float(np.mean([p[k] == t[k] for p, t in zip(pred, truth)])) for k in ATTRIBUTES}
@@ -66,7 +62,7 @@ def train_probe(compositions: list[dict[str, str]], size: int = 32, n_images: in
     torch.manual_seed(seed)
     picks = rng.integers(0, len(compositions), n_images)
     truth = [compositions[i] for i in picks]
-    x = to_tensor(np.stack([render(a, rng, size) for a in tqdm(truth, desc="render probe data", disable=quiet)]))
+    x = from_uint8(np.stack([render(a, rng, size) for a in tqdm(truth, desc="render probe data", disable=quiet)]))
     y = {k: torch.tensor([v.index(a[k]) for a in truth]) for k, v in ATTRIBUTES.items()}
     probe = Probe(size)
     opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=1e-4)

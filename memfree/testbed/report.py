@@ -15,7 +15,8 @@ from memfree.model import Model
 from memfree.sampling import sample
 from memfree.similarity import NL2_THRESHOLD
 from memfree.testbed.bundle import Testbed, load_testbed
-from memfree.testbed.probe import accuracy, to_tensor
+from memfree.sampling import from_uint8
+from memfree.testbed.probe import accuracy
 from memfree.testbed.render import render
 
 
@@ -57,11 +58,11 @@ def evaluate_set(model: Model, tb: Testbed, entries: list[dict], seeds: list[int
 def probe_accuracy(tb: Testbed, seed: int = 12345) -> dict[str, float]:
     """The probe on real testbed images: the ordinary training images and fresh held-out renders."""
     ordinary = [u for u in tb.manifest["unique"] if u["kind"] == "ordinary"]
-    on_data = accuracy(tb.probe.predict(to_tensor(tb.images[[u["id"] for u in ordinary]])),
+    on_data = accuracy(tb.probe.predict(from_uint8(tb.images[[u["id"] for u in ordinary]])),
                        [u["attrs"] for u in ordinary])
     rng = np.random.default_rng(seed)
     held = tb.manifest["heldout_compositions"]
-    renders = to_tensor(np.stack([render(a, rng, tb.manifest["size"]) for a in held]))
+    renders = from_uint8(np.stack([render(a, rng, tb.manifest["size"]) for a in held]))
     on_held = accuracy(tb.probe.predict(renders), held)
     # What perfect obedience scores: fresh renders of held-out prompts, checked for memorization.
     obedient = tb.index.search(renders)

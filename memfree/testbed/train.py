@@ -215,7 +215,8 @@ def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIP
 def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = False) -> dict:
     """Attach the data set's ground truth and a freshly trained alignment probe to a testbed model."""
     from memfree.testbed.bundle import attach_ground_truth
-    from memfree.testbed.probe import accuracy, save_probe, to_tensor, train_probe
+    from memfree.sampling import from_uint8
+    from memfree.testbed.probe import accuracy, save_probe, train_probe
     from memfree.testbed.render import all_compositions, render
 
     root = attach_ground_truth(Path(model_dir), Path(data_dir))
@@ -227,7 +228,7 @@ def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = Fals
     probe = train_probe(seen, size=manifest["size"], seed=manifest["seed"], quiet=quiet)
     rng = np.random.default_rng(manifest["seed"] + 7)
     truth = held * 4
-    acc = accuracy(probe.predict(to_tensor(np.stack([render(a, rng, manifest["size"]) for a in truth]))), truth)
+    acc = accuracy(probe.predict(from_uint8(np.stack([render(a, rng, manifest["size"]) for a in truth]))), truth)
     info = {"probe_accuracy": acc["mean"], "probe_accuracy_all_attributes": acc["all"],
             "probe_train_seconds": round(time.perf_counter() - t0, 1),
             "probe_trained_on": "fresh renders of the training compositions only"}

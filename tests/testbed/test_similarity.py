@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from memfree.similarity import PixelIndex
-from memfree.testbed.probe import to_tensor
+from memfree.sampling import from_uint8
 from memfree.testbed.render import render
 
 
@@ -11,7 +11,7 @@ def test_training_images_are_their_own_neighbours(testbed_data):
     _, images, _ = testbed_data
     index = PixelIndex(images)
     ids = [0, 5, 2400, 2425, 2500]
-    nn = index.search(to_tensor(images[ids]))
+    nn = index.search(from_uint8(images[ids]))
     assert nn.ids.tolist() == ids
     assert torch.all(nn.nl2 < 1e-4) and torch.all(nn.memorized)
 
@@ -23,8 +23,8 @@ def test_obeying_a_prompt_is_not_memorization(testbed_data):
     rng = np.random.default_rng(5)
     held = [render(a, rng) for a in m["heldout_compositions"]]
     once = [render(e["attrs"], rng) for e in m["eval"]["seen_once"]]
-    assert index.search(to_tensor(np.stack(held))).memorized.float().mean() <= 0.03
-    assert index.search(to_tensor(np.stack(once))).memorized.float().mean() <= 0.05
+    assert index.search(from_uint8(np.stack(held))).memorized.float().mean() <= 0.03
+    assert index.search(from_uint8(np.stack(once))).memorized.float().mean() <= 0.05
 
 
 def test_shape_mismatch_is_an_error(testbed_data):

@@ -1,0 +1,44 @@
+"""Metrics and baseline detectors of the detection benchmark, on synthetic scores and the tiny SD model."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import memfree
+from memfree.bench.detect import (attention_entropy_scores, carlini_scores, norm_alignment_scores, roc_auc,
+                                  tiled_l2, tpr_at_fpr)
+
+
+def test_auc_and_tpr():
+    assert roc_auc([3, 4], [1, 2]) == 1.0
+    assert roc_auc([1, 2], [3, 4]) == 0.0
+    assert roc_auc([1], [1]) == 0.5
+    neg = np.arange(100.0)
+    assert tpr_at_fpr([98.5, 99.5, 50.0], neg) == pytest.approx(2 / 3)   # threshold 98: one negative above
+
+
+def test_tiled_l2_takes_the_worst_tile():
+    a = torch.zeros(1, 3, 8, 8)
+    b = a.clone()
+    b[0, :, :2, :2] = 1.0                      # one tile of 2x2 differs by 1 in 3 channels
+    assert tiled_l2(a, b).item() == pytest.approx(math.sqrt(12))
+    collapsed = torch.zeros(4, 3, 8, 8)        # four identical generations
+    spread = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    s = carlini_scores(torch.cat([collapsed, spread]), generations=4)
+    assert s[0] == 0.0 and s[1] < s[0]
+
+
+def test_attention_entropy_and_norm_alignment_on_tiny_sd(tiny_sd_path):
+    model = memfree.load(tiny_sd_path)
+    prompts = ["a photo of a cat", "a dog"]
+    ent = attention_entropy_scores(model, prompts)
+    assert ent.shape == (2,) and np.all(-ent > 0) and np.all(-ent <= math.log(77) + 1e-4)
+    # restoring the processors leaves sampling unchanged
+    from memfree.sampling import sample
+    a = sample(model, prompts, [0, 0], num_inference_steps=2, progress=False)
+    attention_entropy_scores(model, prompts)
+    b = sample(model, prompts, [0, 0], num_inference_steps=2, progress=False)
+    assert torch.equal(a.images, b.images)
+    na = norm_alignment_scores(model, prompts)
+    assert na.shape == (2,) and np.all(na >= 0)

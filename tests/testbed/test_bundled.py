@@ -1,0 +1,47 @@
+"""The bundled testbed model: it loads through the common path with its ground truth, its probe reads
+real testbed images, and its shipped detection threshold is the one calibrated on its ordinary prompts.
+
+Whether it memorizes enough is measured by `memfree testbed report`, not asserted here: the model
+shipped now falls short of the issue's targets (see the README's Status)."""
+from pathlib import Path
+
+import pytest
+
+import memfree
+from memfree.detect import detect
+from memfree.sampling import from_uint8
+from memfree.testbed.bundle import load_testbed
+from memfree.testbed.probe import accuracy
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    model = memfree.load()
+    return model, load_testbed(model)
+
+
+def test_bundled_model_loads_through_the_common_path(bundled):
+    model, tb = bundled
+    assert model.path == memfree.bundled_model_path()
+    assert model.vae is None and model.latent_shape == (3, 32, 32)
+    assert type(model.scheduler).__name__ == "DDIMScheduler"
+    assert len(tb.index) == tb.images.shape[0] == tb.manifest["counts"]["unique_images"]
+    weights = sum(p.stat().st_size for p in Path(model.path).glob("*/*.safetensors"))
+    assert weights < 25e6
+
+
+def test_probe_reads_real_testbed_images(bundled):
+    _, tb = bundled
+    ordinary = [u for u in tb.manifest["unique"] if u["kind"] == "ordinary"]
+    acc = accuracy(tb.probe.predict(from_uint8(tb.images[[u["id"] for u in ordinary]])), [u["attrs"] for u in ordinary])
+    assert acc["mean"] >= 0.95 and acc["all"] >= 0.9
+
+
+def test_shipped_threshold_is_calibrated_at_one_percent(bundled):
+    model, _ = bundled
+    prompts = (Path(model.path) / "testbed" / "calibration_prompts.txt").read_text().split("\n")
+    prompts = [p for p in prompts if p]
+    res = detect(model, prompts, progress=False, batch_size=64)
+    assert res[0].threshold == model.defaults["detection"]["threshold"]
+    assert sum(r.memorized for r in res) <= 0.01 * len(prompts)
+    assert sum(r.score >= res[0].threshold for r in res) >= 0.01 * len(prompts) - 1  # and not looser than needed
