@@ -133,6 +133,7 @@ def deletion_eval(model: Model, prompts: list[str], threshold: float, seed: int 
     """Explanation by deletion: the top word against a random word, and top-1/top-2 under the threshold."""
     rng = random.Random(seed)
     wins, flips, rows = 0, 0, []
+    prompts = [p for p in prompts if len(p.split()) >= 3]  # deleting two words must leave a prompt
     for p in prompts:
         ex = explain(model, p)
         order = ex.top_words(2)
@@ -144,8 +145,9 @@ def deletion_eval(model: Model, prompts: list[str], threshold: float, seed: int 
         flips += min(s_top, s_top2) < threshold
         rows.append({"prompt": p, "score": ex.score, "top_words": [ex.words[i] for i in order],
                      "without_top1": s_top, "without_random": s_rand, "without_top2": s_top2})
-    return {"prompts": len(prompts), "deletion_top1_win_rate": wins / len(prompts),
-            "deletion_top2_flip_rate": flips / len(prompts), "threshold": threshold, "rows": rows}
+    n = max(len(prompts), 1)
+    return {"prompts": len(prompts), "deletion_top1_win_rate": wins / n,
+            "deletion_top2_flip_rate": flips / n, "threshold": threshold, "rows": rows}
 
 
 def run_bench(model: Model, out_json: str | Path | None = None, plot: str | Path | None = None,
