@@ -15,6 +15,7 @@ from PIL import Image
 
 from memfree.model import Model
 from memfree.sampling import to_uint8
+from memfree.similarity import NL2_THRESHOLD
 from memfree.testbed.bundle import load_testbed
 from memfree.testbed.report import evaluate_set
 
@@ -48,7 +49,7 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
              f"<p>Model <code>{html.escape(str(model.path))}</code>, "
              f"{type(model.scheduler).__name__} {model.num_inference_steps} steps, guidance "
              f"{model.guidance_scale}, seed {seed}. A generation is memorized when its nearest training image "
-             "has nL2 &lt; 1.4 (AMG's normalised ℓ2).</p>"]
+             f"has nL2 &lt; {NL2_THRESHOLD} (AMG's normalised ℓ2).</p>"]
     summary = {}
     for name, n, title in SECTIONS:
         entries = tb.eval_sets[name][:n]
@@ -59,10 +60,11 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
         for e, img, nl2, near in zip(entries, res["_images"], res["_nl2"], res["_nearest"]):
             planted = sorted(set([e["image"]] if "image" in e else e.get("images", [])))
             left = _png(tb.images[planted[0]]) if planted else "<i>none (novel composition)</i>"
-            verdict = "memorized" if nl2 < 1.4 else "novel"
+            memorized = bool(nl2 < NL2_THRESHOLD)
+            verdict = "memorized" if memorized else "novel"
             parts.append(f"<tr><td>{html.escape(e['prompt'])}</td><td>{left}</td><td>{_png(img)}</td>"
                          f"<td>{_png(tb.images[int(near)])}</td>"
-                         f"<td class='{'mem' if nl2 < 1.4 else 'ok'}'>{float(nl2):.2f} {verdict}</td></tr>")
+                         f"<td class='{'mem' if memorized else 'ok'}'>{float(nl2):.2f} {verdict}</td></tr>")
         parts.append("</table>")
     seconds = time.perf_counter() - t0
     parts.append(f"<p>Generated in {seconds:.1f} s.</p>")

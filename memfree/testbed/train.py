@@ -174,10 +174,10 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 3000, batch_si
         bar.set_postfix(loss=f"{running:.4f}")
         if (step + 1) % 50 == 0:
             log.append({"step": step + 1, "loss": round(running, 5), "elapsed_s": round(elapsed, 1)})
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+        stopping = stop_after is not None and step + 1 - start >= stop_after and step + 1 < steps
+        if stopping or (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             checkpoint(step + 1)
-        if stop_after is not None and step + 1 - start >= stop_after and step + 1 < steps:
-            checkpoint(step + 1)
+        if stopping:
             bar.close()
             return None
     unet.load_state_dict(ema_unet)
