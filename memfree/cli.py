@@ -70,6 +70,10 @@ def demo(model_path, out, seed, scheduler, quiet):
 @click.argument("prompts", nargs=-1)
 @click.option("--prompts", "prompts_file", default=None, metavar="FILE", help="Prompts file (text, CSV, JSONL).")
 @model_option
+@click.option("--mitigation", default="none", show_default=True,
+              type=click.Choice(["none", "wen", "rta", "rna", "gni", "cwr"]),
+              help="wen: prompt-embedding optimisation (selective); rta/rna/gni/cwr: Somepalli et al.")
+@click.option("--target", type=float, default=None, help="wen's target score (default: the calibrated threshold).")
 @click.option("--seed", default=0, show_default=True, help="Image i of a request uses seed + i.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
 @click.option("--guidance", type=float, default=None, help="CFG scale (default: the model's).")
@@ -77,26 +81,39 @@ def demo(model_path, out, seed, scheduler, quiet):
 @click.option("--out", default="memfree-out", show_default=True, help="Folder for PNG files.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @quiet_option
-def generate(prompts, prompts_file, model_path, seed, steps, guidance, scheduler, out, as_json, quiet):
-    """Generate images, with the free per-step detection score of each."""
+def generate(prompts, prompts_file, model_path, mitigation, target, seed, steps, guidance, scheduler, out,
+             as_json, quiet):
+    """Generate images with an optional mitigation; report the detection score before and after, and
+    the nearest training image when the model is a testbed."""
     from PIL import Image
-    from memfree.sampling import sample, to_uint8
+    from memfree.mitigate import generate as run
+    from memfree.sampling import to_uint8
     prompts = read_prompts(prompts, prompts_file)
     model = _load(model_path, scheduler)
-    res = sample(model, prompts, seed, num_inference_steps=steps, guidance_scale=guidance, progress=not quiet)
+    if steps is not None:
+        model.defaults["num_inference_steps"] = steps
+    if guidance is not None:
+        model.defaults["guidance_scale"] = guidance
+    index = None
+    if (model.path / "testbed" / "manifest.json").exists():
+        from memfree.testbed.bundle import load_testbed
+        index = load_testbed(model).index
+    res = run(model, prompts, mitigation, seed, target=target, index=index, progress=not quiet)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, (p, img) in enumerate(zip(prompts, res.images)):
+    for i, (rep, img) in enumerate(zip(res.reports, res.images)):
         path = out_dir / f"{i:04d}.png"
         Image.fromarray(to_uint8(img)).save(path)
-        rows.append({"prompt": p, "seed": seed + i, "image": str(path),
-                     "first_step_score": float(res.scores[i, 0])})
+        rows.append({"image": str(path), **rep.to_dict()})
     if as_json:
-        click.echo(json.dumps({"images": rows}, indent=2))
-    else:
-        for r in rows:
-            click.echo(f"{r['image']}  score {r['first_step_score']:.3f}  {r['prompt']}")
+        click.echo(json.dumps({"mitigation": mitigation, "seconds": round(res.seconds, 3), "images": rows}, indent=2))
+        return
+    for r in rows:
+        near = "" if r["nl2"] is None else f"  nearest #{r['nearest_id']} nL2 {r['nl2']:.2f}" + (
+            " MEMORIZED" if r["memorized"] else "")
+        did = f"  ({mitigation}: {r['iterations']} it)" if mitigation == "wen" and r["applied"] else ""
+        click.echo(f"{r['image']}  score {r['score_before']:.3f} -> {r['score_after']:.3f}{did}{near}  {r['prompt']}")
 
 
 prompts_file_option = click.option("--prompts", "prompts_file", default=None, metavar="FILE",
@@ -172,6 +189,33 @@ def bench() -> None:
     """Benchmarks on the testbed."""
 
 
+@bench.command("mitigate")
+@model_option
+@click.option("--methods", default="none,wen,rta,rna,gni,cwr", show_default=True, help="Comma-separated methods.")
+@click.option("--sets", default="verbatim,image_dup,caption_dup,paraphrase,heldout", show_default=True,
+              help="Comma-separated prompt sets.")
+@click.option("--seeds", default=4, show_default=True, help="Seeds per prompt.")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
+@click.option("--json", "json_out", default="bench-mitigate.json", show_default=True, metavar="OUT",
+              help="Results, written row by row; an interrupted run resumes from it.")
+@click.option("--plot", default="bench-mitigate.png", show_default=True, metavar="PNG")
+@click.option("--table", default="bench-mitigate.md", show_default=True, metavar="MD")
+@quiet_option
+def bench_mitigate(model_path, methods, sets, seeds, steps, json_out, plot, table, quiet):
+    """Mitigations side by side on the testbed (MemBench-style): memorization, similarity, alignment,
+    Fréchet distance and cost."""
+    from memfree.bench.mitigate import format_table, run_bench
+    model = _load(model_path)
+    if steps is not None:
+        model.defaults["num_inference_steps"] = steps
+    res = run_bench(model, json_out, [m.strip() for m in methods.split(",") if m.strip()],
+                    [s.strip() for s in sets.split(",") if s.strip()], tuple(range(seeds)), plot, not quiet)
+    text = format_table(res["rows"])
+    Path(table).write_text(text + "\n")
+    click.echo(text)
+    click.echo(f"wrote {json_out}, {table}, {plot}")
+
+
 @bench.command("detect")
 @model_option
 @click.option("--json", "json_out", default="bench-detect.json", show_default=True, metavar="OUT")
@@ -204,17 +248,22 @@ def testbed_data(out, seed):
 @testbed.command("train")
 @click.option("--data", "data_dir", required=True, help="Folder written by `memfree testbed data`.")
 @click.option("--out", required=True, help="Run folder: checkpoints, then the model in OUT/model.")
-@click.option("--steps", default=5000, show_default=True, help="Total steps (also the length of the LR schedule).")
+@click.option("--steps", default=10000, show_default=True, help="Total steps (also the length of the LR schedule).")
 @click.option("--stop-after", type=int, default=None, help="Stop this call after N steps with a checkpoint.")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=6e-4, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--filter-threshold", type=float, default=None,
+              help="Training-time mitigation: drop samples whose ‖ε_c − ε_u‖₂ is at or above this from the loss.")
 @quiet_option
-def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, quiet):
+def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter_threshold, quiet):
     """Train (or resume) the testbed model, then attach its ground truth and alignment probe."""
+    from functools import partial
+    from memfree.mitigate import keep_mask
     from memfree.testbed.train import finish_model, train
+    keep = None if filter_threshold is None else partial(keep_mask, threshold=filter_threshold)
     model_dir = train(data_dir, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
-                      stop_after=stop_after)
+                      stop_after=stop_after, keep_mask_fn=keep)
     if model_dir is None:
         click.echo(f"stopped with a checkpoint in {out}; run again to resume")
         return

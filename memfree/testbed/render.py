@@ -1,7 +1,7 @@
 """Procedural renderer for the testbed's ordinary images: one coloured shape on a textured background.
 
-Every image has detail that no caption describes (a random low-frequency shading, pixel grain, a few
-specks and jitter of position and size), so two renders of one caption are different images and a
+Every image has detail that no caption describes (a random linear shading, a strong smooth random
+field, and jitter of position and size), so two renders of one caption are different images and a
 model that merely obeys its prompt does not reproduce any particular training image.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bot
 BACKGROUNDS = {"black": (0.04, 0.04, 0.04), "gray": (0.45, 0.45, 0.45), "navy": (0.05, 0.08, 0.40),
                "olive": (0.40, 0.40, 0.08), "maroon": (0.42, 0.06, 0.10)}
 SIZES = {"small": 0.16, "large": 0.27}  # half-width of the shape as a fraction of the image side
-TEXTURE = 0.5    # amplitude of the smooth random field that makes every background unique
+TEXTURE = 0.6    # amplitude of the smooth random field that makes every background unique
 CHROMA = 0.3     # colour share of that field (the rest is brightness, so backgrounds keep their hue)
 JITTER = 0.1     # random shift of the shape's centre, as a fraction of the image side
+FIELD_GRID = 4   # the field's control grid: 4×4 nodes over the image keep it smooth and easy to learn
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(POSITIONS),
               "background": tuple(BACKGROUNDS), "size": tuple(SIZES)}
 
@@ -59,24 +60,21 @@ def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cx: float, cy: float
 def render(attrs: dict[str, str], rng: np.random.Generator, size: int = 32) -> np.ndarray:
     """Render one image (H, W, 3) uint8 for ``attrs`` with fresh random detail from ``rng``."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
-    # Background: base colour, a random linear shading and pixel grain.
+    # Background: base colour and a random linear shading.
     base = np.array(BACKGROUNDS[attrs["background"]])
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(angle) * (xx / size - 0.5) + np.sin(angle) * (yy / size - 0.5))
     img = base[None, None, :] + rng.uniform(0.10, 0.22) * ramp[..., None] * rng.choice([-1, 1], size=3)
     # A smooth random field (a coarse grid of random values, bilinearly upsampled), mostly brightness.
-    grid = rng.uniform(-1, 1, size=(5, 5, 1)) + CHROMA * rng.uniform(-1, 1, size=(5, 5, 3))
-    coords = np.linspace(0, 4, size)
-    i0 = np.minimum(coords.astype(int), 3)
+    # Only smooth detail: pixel grain and specks made the images much slower for a small model to learn.
+    n = FIELD_GRID
+    grid = rng.uniform(-1, 1, size=(n, n, 1)) + CHROMA * rng.uniform(-1, 1, size=(n, n, 3))
+    coords = np.linspace(0, n - 1, size)
+    i0 = np.minimum(coords.astype(int), n - 2)
     f = coords - i0
     rows = grid[i0] * (1 - f)[:, None, None] + grid[i0 + 1] * f[:, None, None]
     field = rows[:, i0] * (1 - f)[None, :, None] + rows[:, i0 + 1] * f[None, :, None]
     img = img + TEXTURE * field
-    img = img + rng.normal(0, 0.035, size=(size, size, 3))
-    # A few specks of random colour.
-    for _ in range(rng.integers(2, 6)):
-        y, x = rng.integers(0, size, size=2)
-        img[y, x] = rng.uniform(0, 1, size=3)
     # The shape, jittered in place, size and colour.
     px, py = POSITIONS[attrs["position"]]
     cx = (px + rng.uniform(-JITTER, JITTER)) * size
@@ -85,5 +83,5 @@ def render(attrs: dict[str, str], rng: np.random.Generator, size: int = 32) -> n
     mask = _shape_mask(attrs["shape"], yy, xx, cx, cy, r)
     colour = np.array(COLOURS[attrs["colour"]]) + rng.uniform(-0.05, 0.05, size=3)
     shade = 1.0 + 0.12 * ((xx - cx) / max(r, 1)) * rng.choice([-1, 1])
-    img[mask] = (colour[None, :] * shade[mask][:, None]) + rng.normal(0, 0.02, size=(int(mask.sum()), 3))
+    img[mask] = colour[None, :] * shade[mask][:, None]
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)

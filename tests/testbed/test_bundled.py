@@ -1,8 +1,8 @@
 """The bundled testbed model: it loads through the common path with its ground truth, its probe reads
-real testbed images, and its shipped detection threshold is the one calibrated on its ordinary prompts.
+real testbed images, its shipped detection threshold is the one calibrated on its ordinary prompts,
+and it really copies its planted photographs while held-out prompts stay original.
 
-Whether it memorizes enough is measured by `memfree testbed report`, not asserted here: the model
-shipped now falls short of the issue's targets (see the README's Status)."""
+The full figures come from `memfree testbed report` (README); the test checks one seed of them."""
 from pathlib import Path
 
 import pytest
@@ -45,3 +45,13 @@ def test_shipped_threshold_is_calibrated_at_one_percent(bundled):
     assert res[0].threshold == model.defaults["detection"]["threshold"]
     assert sum(r.memorized for r in res) <= 0.01 * len(prompts)
     assert sum(r.score >= res[0].threshold for r in res) >= 0.01 * len(prompts) - 1  # and not looser than needed
+
+
+def test_it_copies_planted_photos_and_not_held_out_prompts(bundled):
+    from memfree.testbed.report import evaluate_set
+    model, tb = bundled
+    verbatim = evaluate_set(model, tb, tb.eval_sets["verbatim"], [0], progress=False)
+    heldout = evaluate_set(model, tb, tb.eval_sets["heldout"][:25], [0], progress=False)
+    assert verbatim["copy_rate"] >= 0.5
+    assert heldout["memorization_rate"] <= 0.1
+    assert verbatim["first_step_score_mean"] > heldout["first_step_score_mean"]

@@ -1,0 +1,235 @@
+"""Mitigation at inference and at training time.
+
+* ``wen`` (Wen et al., ICLR 2024): before sampling, optimise the conditional prompt embedding at x_T
+  and the first timestep until the detection score ‖ε_c − ε_u‖₂ falls under a target, then sample
+  from the same x_T. Selective: an image whose first-step score is already under the target keeps
+  its embedding and comes out bit-identical to ``none``.
+* Somepalli et al. (NeurIPS 2023) baselines, applied to every prompt: random token addition
+  (``rta``), random number addition (``rna``), Gaussian noise on the text embedding (``gni``) and
+  caption word repetition (``cwr``).
+* :func:`keep_mask` filters high-score samples out of a training loss (training-time mitigation).
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from memfree.model import Model
+from memfree.sampling import _alpha_bar, _to_eps, initial_noise, sample
+
+METHODS = ("none", "wen", "rta", "rna", "gni", "cwr")
+
+
+@dataclass
+class MitigationReport:
+    """What happened to one image."""
+
+    prompt: str
+    seed: int
+    method: str
+    applied: bool                 # the mitigation changed this image's prompt or embedding
+    score_before: float           # first-step ‖ε_c − ε_u‖₂ with the original prompt
+    score_after: float            # first-step score of the generation actually sampled
+    used_prompt: str | None = None
+    iterations: int = 0           # wen: optimiser steps taken
+    final_loss: float | None = None
+    nearest_id: int | None = None  # nearest training image, when an index is given
+    nearest_distance: float | None = None
+    nl2: float | None = None
+    memorized: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    images: torch.Tensor              # (N, 3, H, W) in [0, 1]
+    reports: list[MitigationReport]
+    seconds: float
+
+
+def first_step_scores(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, grad: bool = False,
+                      uncond_eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ‖ε_c − ε_u‖₂ at x_T and the sampler's first timestep; also returns ε_u for reuse."""
+    sched = model.scheduler
+    sched.set_timesteps(model.num_inference_steps, device=model.device)
+    t = sched.timesteps[0]
+    x = sched.scale_model_input(x_T.to(model.device, model.dtype) * sched.init_noise_sigma, t)
+    a = _alpha_bar(model, t)
+    if uncond_eps is None:
+        with torch.no_grad():
+            uncond = model.encode([""]).expand(len(x), -1, -1)
+            uncond_eps = _to_eps(model, model.unet(x, t, uncond).sample.float(), x.float(), a)
+    with torch.set_grad_enabled(grad):
+        eps_c = _to_eps(model, model.unet(x, t, embeds.to(model.dtype)).sample.float(), x.float(), a)
+    return (eps_c - uncond_eps).flatten(1).norm(dim=1), uncond_eps
+
+
+def optimise_embeddings(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, target: float,
+                        lr: float = 0.05, max_iters: int = 10, leash: float | None = None
+                        ) -> tuple[torch.Tensor, list[int], list[float]]:
+    """Wen et al.'s inference-time mitigation for a batch: AdamW on every position but the start token.
+
+    Each image stops on its own as soon as its score is under ``target``. ``leash`` (α in the paper's
+    optional form α·L + (1−α)·mean‖e − e⁰‖) keeps the embedding near the original when given.
+    Returns the new embeddings, iterations taken and the last score per image.
+    """
+    for p in model.unet.parameters():
+        p.requires_grad_(False)
+    original = embeds.detach().float()
+    tail = original[:, 1:].clone().requires_grad_(True)
+    opt = torch.optim.AdamW([tail], lr=lr)
+    active = torch.ones(len(embeds), dtype=torch.bool)
+    iters = [0] * len(embeds)
+    last = torch.zeros(len(embeds))
+    _, eps_u = first_step_scores(model, original, x_T)
+    for it in range(max_iters + 1):
+        full = torch.cat([original[:, :1], tail], dim=1)
+        score, _ = first_step_scores(model, full, x_T, grad=True, uncond_eps=eps_u)
+        last = torch.where(active, score.detach().cpu(), last)
+        active &= score.detach().cpu() >= target
+        if not active.any() or it == max_iters:
+            break
+        loss_each = score
+        if leash is not None:
+            loss_each = leash * score + (1 - leash) * (tail - original[:, 1:]).norm(dim=-1).mean(dim=1)
+        opt.zero_grad(set_to_none=True)
+        (loss_each * active.to(loss_each.device)).sum().backward()
+        frozen = tail.detach().clone()
+        opt.step()
+        with torch.no_grad():  # images that reached the target keep the embedding they reached it with
+            tail[~active] = frozen[~active]
+        for i in torch.nonzero(active).flatten().tolist():
+            iters[i] += 1
+    result = torch.cat([original[:, :1], tail.detach()], dim=1)
+    return result, iters, last.tolist()
+
+
+_WORD = re.compile(r"^[a-z]{3,}</w>$")
+
+
+def _vocabulary_words(model: Model) -> list[str]:
+    vocab = model.tokenizer.get_vocab()
+    return sorted(w[:-4] for w in vocab if _WORD.match(w))
+
+
+def random_token_addition(prompt: str, rng: np.random.Generator, words: Sequence[str], k: int = 4) -> str:
+    """RTA: insert ``k`` random vocabulary words at random positions."""
+    out = prompt.split()
+    for _ in range(k):
+        out.insert(int(rng.integers(0, len(out) + 1)), str(words[int(rng.integers(len(words)))]))
+    return " ".join(out)
+
+
+def random_number_addition(prompt: str, rng: np.random.Generator, k: int = 4) -> str:
+    """RNA: insert ``k`` random numbers (0 to 999,999) at random positions."""
+    out = prompt.split()
+    for _ in range(k):
+        out.insert(int(rng.integers(0, len(out) + 1)), str(int(rng.integers(0, 1_000_000))))
+    return " ".join(out)
+
+
+def caption_word_repetition(prompt: str, rng: np.random.Generator, k: int = 2) -> str:
+    """CWR: repeat ``k`` randomly chosen words of the caption in place."""
+    out = prompt.split()
+    for _ in range(k):
+        i = int(rng.integers(0, len(out)))
+        out.insert(i, out[i])
+    return " ".join(out)
+
+
+def gaussian_noise(embeds: torch.Tensor, rng: np.random.Generator, sigma: float = 0.1) -> torch.Tensor:
+    """GNI on one prompt's embeddings (L, D): add N(0, (σ·rms)²) to every position but the start token;
+    rms is the embedding's own RMS, so σ means the same for a width-64 testbed encoder and CLIP ViT-L."""
+    noise = torch.from_numpy(rng.standard_normal(tuple(embeds.shape))).to(embeds.dtype)
+    noise[0] = 0
+    return embeds + sigma * embeds.float().pow(2).mean().sqrt().to(embeds.dtype) * noise
+
+
+def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", seed: int = 0, *,
+             target: float | None = None, lr: float = 0.05, max_iters: int = 10, leash: float | None = None,
+             k_words: int = 4, gni_sigma: float = 0.1, index=None, batch_size: int = 16,
+             progress: bool = True) -> Generation:
+    """Generate one image per prompt (image i from seed + i) with a mitigation, and report on each.
+
+    ``target`` for ``wen`` defaults to the model's calibrated detection threshold. ``index`` (a
+    :class:`memfree.similarity.PixelIndex`) adds each image's nearest training image and nL2.
+    """
+    if mitigation not in METHODS:
+        raise ValueError(f"unknown mitigation {mitigation!r}; choose one of {', '.join(METHODS)}")
+    prompts = list(prompts)
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("no prompts given" if not prompts else "empty prompt given")
+    t0 = time.perf_counter()
+    seeds = [seed + i for i in range(len(prompts))]
+    rngs = [np.random.default_rng([s, 7919]) for s in seeds]
+    x_T = initial_noise(model, seeds)
+    embeds = model.encode(prompts).float()
+    before = torch.cat([first_step_scores(model, embeds[lo:lo + batch_size], x_T[lo:lo + batch_size])[0].cpu()
+                        for lo in range(0, len(prompts), batch_size)])
+    used, applied = list(prompts), [False] * len(prompts)
+    iters, losses = [0] * len(prompts), [None] * len(prompts)
+
+    if mitigation == "wen":
+        if target is None:
+            target = (model.defaults.get("detection") or {}).get("threshold")
+            if target is None:
+                raise ValueError("wen needs a target: calibrate the model (memfree calibrate) or pass target=")
+        flagged = [i for i in range(len(prompts)) if before[i] >= target]
+        for lo in range(0, len(flagged), batch_size):
+            ids = flagged[lo:lo + batch_size]
+            new, it, last = optimise_embeddings(model, embeds[ids], x_T[ids], target, lr, max_iters, leash)
+            embeds[ids] = new
+            for j, i in enumerate(ids):
+                applied[i], iters[i], losses[i] = True, it[j], last[j]
+    elif mitigation in ("rta", "rna", "cwr"):
+        words = _vocabulary_words(model) if mitigation == "rta" else None
+        for i, p in enumerate(prompts):
+            used[i] = (random_token_addition(p, rngs[i], words, k_words) if mitigation == "rta" else
+                       random_number_addition(p, rngs[i], k_words) if mitigation == "rna" else
+                       caption_word_repetition(p, rngs[i], 2))
+        embeds = model.encode(used).float()
+        applied = [True] * len(prompts)
+    elif mitigation == "gni":
+        embeds = torch.stack([gaussian_noise(embeds[i], rngs[i], gni_sigma) for i in range(len(prompts))])
+        applied = [True] * len(prompts)
+
+    out = sample(model, prompts, seeds, latents=x_T, prompt_embeds=embeds, batch_size=batch_size,
+                 progress=progress)
+    reports = []
+    for i, p in enumerate(prompts):
+        reports.append(MitigationReport(
+            prompt=p, seed=seeds[i], method=mitigation, applied=applied[i], score_before=float(before[i]),
+            score_after=float(out.scores[i, 0]), used_prompt=used[i] if used[i] != p else None,
+            iterations=iters[i], final_loss=losses[i]))
+    if index is not None:
+        nn = index.search(out.images)
+        for i, r in enumerate(reports):
+            r.nearest_id, r.nearest_distance = int(nn.ids[i]), float(nn.distance[i])
+            r.nl2, r.memorized = float(nn.nl2[i]), bool(nn.memorized[i])
+    return Generation(images=out.images, reports=reports, seconds=time.perf_counter() - t0)
+
+
+def keep_mask(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
+              threshold: float) -> torch.Tensor:
+    """Training-time mitigation (Wen et al. §4): which samples of a batch to keep in the loss.
+
+    For each sample at its own timestep, ‖ε(x_t, c) − ε(x_t, ∅)‖₂ is computed without gradient;
+    samples at or above ``threshold`` are dropped. In a diffusers text-to-image fine-tuning loop::
+
+        keep = keep_mask(unet, noisy_latents, timesteps, encoder_hidden_states, empty_states, tau)
+        loss = (per_sample_loss * keep).sum() / keep.sum().clamp(min=1)   # skip the step if none kept
+    """
+    with torch.no_grad():
+        b = len(noisy)
+        out = unet(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
+                   torch.cat([cond, uncond.expand(b, -1, -1)])).sample.float()
+        eps_c, eps_u = out[:b], out[b:]
+        return (eps_c - eps_u).flatten(1).norm(dim=1) < threshold

@@ -1,0 +1,64 @@
+"""The mitigation benchmark: its Fréchet distance, its rows on the bundled testbed, and resuming."""
+import json
+
+import numpy as np
+import pytest
+
+import memfree
+from memfree.bench.mitigate import format_table, frechet_distance, run_bench, similarity
+
+
+def test_frechet_distance_of_shifted_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shifted = a + np.array([2.0, 0.0, 0.0])
+    assert frechet_distance(a, shifted) == pytest.approx(4.0, rel=1e-3)   # only the mean moved
+    wide = a * 2.0                                                       # Σ_b = 4Σ_a: tr(Σa+4Σa−2·2Σa) = tr Σa
+    assert frechet_distance(a, wide) == pytest.approx(np.trace(np.cov(a, rowvar=False)), rel=1e-3)
+
+
+def test_similarity_is_one_for_a_copy_and_point_three_at_the_threshold():
+    import torch
+    assert similarity(torch.tensor([0.0, 1.4, 2.0])).tolist() == pytest.approx([1.0, 0.3, 0.0])
+
+
+def test_rows_on_the_bundled_testbed_and_resume(tmp_path):
+    model = memfree.load()
+    model.defaults["num_inference_steps"] = 2           # a smoke-sized run: the figures are not the point
+    out = tmp_path / "m.json"
+    res = run_bench(model, out, methods=("none", "rna"), sets=("caption_dup", "heldout"), seeds=(0,),
+                    plot=tmp_path / "m.png", progress=False)
+    rows = res["rows"]
+    assert {(r["method"], r["prompt_set"]) for r in rows} == {("none", "caption_dup"), ("rna", "caption_dup"),
+                                                            ("none", "heldout"), ("rna", "heldout")}
+    keys = {"method", "prompt_set", "memorization_rate", "top5_similarity", "top1_similarity", "alignment",
+            "frechet", "seconds_per_image", "overhead_ratio"}
+    for r in rows:
+        assert keys <= set(r)
+        assert 0.0 <= r["memorization_rate"] <= 1.0 and r["top1_similarity"] >= r["top5_similarity"]
+        assert r["generations"] == r["prompts"] and r["seconds_per_image"] > 0
+        if r["method"] == "none":
+            assert r["overhead_ratio"] == 1.0 and r["applied_rate"] == 0.0
+        else:
+            assert r["applied_rate"] == 1.0
+    held = next(r for r in rows if r["prompt_set"] == "heldout" and r["method"] == "none")
+    assert 0.0 <= held["alignment"] <= 1.0
+    assert (tmp_path / "m.png").stat().st_size > 0 and "| rna | heldout |" in format_table(rows)
+
+    # A second run with the same file and settings computes nothing new and keeps the rows.
+    before = json.loads(out.read_text())
+    again = run_bench(model, out, methods=("none", "rna"), sets=("caption_dup", "heldout"), seeds=(0,),
+                      progress=False)
+    assert again["rows"] == before["rows"]
+    # An interrupted run (a row missing) resumes with just that row.
+    before["rows"] = before["rows"][:-1]
+    out.write_text(json.dumps(before))
+    resumed = run_bench(model, out, methods=("none", "rna"), sets=("caption_dup", "heldout"), seeds=(0,),
+                        progress=False)
+    assert len(resumed["rows"]) == 4 and resumed["rows"][:3] == before["rows"]
+
+
+def test_unknown_method_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        run_bench(memfree.load(), tmp_path / "x.json", methods=("magic",), progress=False)
