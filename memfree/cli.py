@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from memfree.mitigate import METHODS
 from memfree.model import SCHEDULERS, ModelError
 
 
@@ -71,7 +72,7 @@ def demo(model_path, out, seed, scheduler, quiet):
 @click.option("--prompts", "prompts_file", default=None, metavar="FILE", help="Prompts file (text, CSV, JSONL).")
 @model_option
 @click.option("--mitigation", default="none", show_default=True,
-              type=click.Choice(["none", "wen", "rta", "rna", "gni", "cwr"]),
+              type=click.Choice(METHODS),
               help="wen: prompt-embedding optimisation (selective); rta/rna/gni/cwr: Somepalli et al.")
 @click.option("--target", type=float, default=None, help="wen's target score (default: the calibrated threshold).")
 @click.option("--seed", default=0, show_default=True, help="Image i of a request uses seed + i.")
