@@ -73,8 +73,19 @@ def demo(model_path, out, seed, scheduler, quiet):
 @model_option
 @click.option("--mitigation", default="none", show_default=True,
               type=click.Choice(METHODS),
-              help="wen: prompt-embedding optimisation (selective); rta/rna/gni/cwr: Somepalli et al.")
+              help="wen: prompt-embedding optimisation (selective); rta/rna/gni/cwr: Somepalli et al.; "
+                   "amg*: Anti-Memorization Guidance and its ablations.")
 @click.option("--target", type=float, default=None, help="wen's target score (default: the calibrated threshold).")
+@click.option("--index", "index_dir", default=None, metavar="DIR",
+              help="Training-set index for AMG (memfree index build; default: the one the model ships).")
+@click.option("--amg-c1", type=float, default=None, help="AMG despecification scale.")
+@click.option("--amg-c2", type=float, default=None, help="AMG caption-deduplication scale.")
+@click.option("--amg-c3", type=float, default=None, help="AMG dissimilarity scale (x̂0 step per unit gradient).")
+@click.option("--amg-lambda", default=None, metavar="LO,HI", help="AMG gate λ at the noisiest step and at t = 0.")
+@click.option("--amg-terms", default=None, metavar="T,T", help="AMG terms to use, of spe,dup,sim.")
+@click.option("--amg-check-every", type=int, default=None, help="AMG: check σ every n-th step until under watch.")
+@click.option("--amg-screen", type=float, default=None,
+              help="AMG two-stage gate: skip images whose first-step detection score is under this.")
 @click.option("--seed", default=0, show_default=True, help="Image i of a request uses seed + i.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
 @click.option("--guidance", type=float, default=None, help="CFG scale (default: the model's).")
@@ -82,8 +93,8 @@ def demo(model_path, out, seed, scheduler, quiet):
 @click.option("--out", default="memfree-out", show_default=True, help="Folder for PNG files.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @quiet_option
-def generate(prompts, prompts_file, model_path, mitigation, target, seed, steps, guidance, scheduler, out,
-             as_json, quiet):
+def generate(prompts, prompts_file, model_path, mitigation, target, index_dir, amg_c1, amg_c2, amg_c3, amg_lambda,
+             amg_terms, amg_check_every, amg_screen, seed, steps, guidance, scheduler, out, as_json, quiet):
     """Generate images with an optional mitigation; report the detection score before and after, and
     the nearest training image when the model is a testbed."""
     from PIL import Image
@@ -99,7 +110,20 @@ def generate(prompts, prompts_file, model_path, mitigation, target, seed, steps,
     if (model.path / "testbed" / "manifest.json").exists():
         from memfree.testbed.bundle import load_testbed
         index = load_testbed(model).index
-    res = run(model, prompts, mitigation, seed, target=target, index=index, progress=not quiet)
+    amg = {"c1": amg_c1, "c2": amg_c2, "c3": amg_c3, "check_every": amg_check_every, "screen": amg_screen}
+    if amg_lambda is not None:
+        try:
+            amg["lam_lo"], amg["lam_hi"] = (float(v) for v in amg_lambda.split(","))
+        except ValueError:
+            raise click.UsageError(f"--amg-lambda takes two numbers LO,HI, got {amg_lambda!r}")
+    if amg_terms is not None:
+        amg["terms"] = tuple(t.strip() for t in amg_terms.split(",") if t.strip())
+    train_index = None
+    if index_dir is not None:
+        from memfree.index import TrainingIndex
+        train_index = TrainingIndex.load(index_dir)
+    res = run(model, prompts, mitigation, seed, target=target, index=index, train_index=train_index,
+              amg=amg, progress=not quiet)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -114,6 +138,10 @@ def generate(prompts, prompts_file, model_path, mitigation, target, seed, steps,
         near = "" if r["nl2"] is None else f"  nearest #{r['nearest_id']} nL2 {r['nl2']:.2f}" + (
             " MEMORIZED" if r["memorized"] else "")
         did = f"  ({mitigation}: {r['iterations']} it)" if mitigation == "wen" and r["applied"] else ""
+        if "amg" in r["extra"]:
+            fired = {k: v for k, v in r["extra"]["amg"]["fired_steps"].items() if v}
+            did = "  (amg: " + (", ".join(f"{k} at {len(v)} steps from {v[0]}" for k, v in fired.items())
+                                if fired else "not triggered") + ")"
         click.echo(f"{r['image']}  score {r['score_before']:.3f} -> {r['score_after']:.3f}{did}{near}  {r['prompt']}")
 
 
@@ -192,7 +220,9 @@ def bench() -> None:
 
 @bench.command("mitigate")
 @model_option
-@click.option("--methods", default="none,wen,rta,rna,gni,cwr", show_default=True, help="Comma-separated methods.")
+@click.option("--methods", default="none,wen,rta,rna,gni,cwr,amg,amg-strong", show_default=True,
+              help="Comma-separated methods; AMG ablations: amg-no-spe, amg-no-dup, amg-no-sim, amg-always, "
+                   "amg-const, amg-every, amg-screen.")
 @click.option("--sets", default="verbatim,image_dup,caption_dup,paraphrase,heldout", show_default=True,
               help="Comma-separated prompt sets.")
 @click.option("--seeds", default=4, show_default=True, help="Seeds per prompt.")
@@ -293,6 +323,32 @@ def testbed_report(model_path, seeds, steps, scheduler, json_out, quiet):
     for k, v in rep.items():
         if isinstance(v, float):
             click.echo(f"{k:40s} {v:.3f}")
+
+
+@cli.group("index", cls=FriendlyGroup)
+def index_group() -> None:
+    """Nearest-neighbour indexes of training images (used by anti-memorization guidance)."""
+
+
+@index_group.command("build")
+@click.option("--images", required=True, metavar="DIR_OR_MANIFEST",
+              help="Folder of images, or a testbed data folder / its manifest.json.")
+@click.option("--captions", default=None, metavar="FILE",
+              help="Captions for a folder of images: .txt (sorted file order), .jsonl or .csv with file,caption.")
+@click.option("--embedder", default="pixel", show_default=True,
+              help="pixel, pixel:SIZE, sscd:PATH or torchscript:PATH (optionally :SIZE after the path).")
+@click.option("--out", required=True, help="Index folder; an interrupted build resumes from it.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--factory", default="auto", show_default=True, type=click.Choice(["auto", "flat", "sq8", "ivfpq"]),
+              help="FAISS index type; auto is exact up to 200k images, IVF+PQ above.")
+@quiet_option
+def index_build(images, captions, embedder, out, batch_size, factory, quiet):
+    """Embed training images and write a FAISS index with their ids and captions."""
+    from memfree.index import build_index, load_image_source, parse_embedder
+    source, ids, caps = load_image_source(images, captions)
+    idx = build_index(source, out, parse_embedder(embedder), ids=ids, captions=caps, batch_size=batch_size,
+                      factory=factory, progress=not quiet)
+    click.echo(f"indexed {len(idx)} images, dim {idx.embedder.dim}, {idx.factory}, in {out}")
 
 
 def main() -> None:

@@ -7,6 +7,8 @@
 * Somepalli et al. (NeurIPS 2023) baselines, applied to every prompt: random token addition
   (``rta``), random number addition (``rna``), Gaussian noise on the text embedding (``gni``) and
   caption word repetition (``cwr``).
+* ``amg``, ``amg-strong`` and their ablations: Anti-Memorization Guidance (:mod:`memfree.guidance`),
+  which needs a training-set index (:mod:`memfree.index`); the bundled testbed ships one.
 * :func:`keep_mask` filters high-score samples out of a training loss (training-time mitigation).
 """
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from memfree.model import Model
+from memfree.guidance import AMG, AMG_METHODS, config_for
+from memfree.model import Model, ModelError
 from memfree.sampling import _alpha_bar, _to_eps, initial_noise, sample
 
-METHODS = ("none", "wen", "rta", "rna", "gni", "cwr")
+METHODS = ("none", "wen", "rta", "rna", "gni", "cwr") + AMG_METHODS
 
 
 @dataclass
@@ -155,12 +158,14 @@ def gaussian_noise(embeds: torch.Tensor, rng: np.random.Generator, sigma: float 
 
 def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", seed: int = 0, *,
              target: float | None = None, lr: float = 0.05, max_iters: int = 10, leash: float | None = None,
-             k_words: int = 4, gni_sigma: float = 0.1, index=None, batch_size: int = 16,
-             progress: bool = True) -> Generation:
+             k_words: int = 4, gni_sigma: float = 0.1, index=None, train_index=None,
+             amg: dict | None = None, batch_size: int = 16, progress: bool = True) -> Generation:
     """Generate one image per prompt (image i from seed + i) with a mitigation, and report on each.
 
     ``target`` for ``wen`` defaults to the model's calibrated detection threshold. ``index`` (a
     :class:`memfree.similarity.PixelIndex`) adds each image's nearest training image and nL2.
+    AMG methods search ``train_index`` (a :class:`memfree.index.TrainingIndex`; default: the one
+    shipped with the model) and take :class:`memfree.guidance.AMGConfig` overrides from ``amg``.
     """
     if mitigation not in METHODS:
         raise ValueError(f"unknown mitigation {mitigation!r}; choose one of {', '.join(METHODS)}")
@@ -176,6 +181,7 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", see
                         for lo in range(0, len(prompts), batch_size)])
     used, applied = list(prompts), [False] * len(prompts)
     iters, losses = [0] * len(prompts), [None] * len(prompts)
+    extra: list[dict] = [{} for _ in prompts]
 
     if mitigation == "wen":
         if target is None:
@@ -201,20 +207,42 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", see
         embeds = torch.stack([gaussian_noise(embeds[i], rngs[i], gni_sigma) for i in range(len(prompts))])
         applied = [True] * len(prompts)
 
+    pieces = []
+    if mitigation in AMG_METHODS:
+        train_index = train_index if train_index is not None else default_index(model)
+        threshold = (model.defaults.get("detection") or {}).get("threshold")
+        pieces = [AMG(train_index, config_for(mitigation, train_index.embedder.metric, threshold, **(amg or {})))]
     out = sample(model, prompts, seeds, latents=x_T, prompt_embeds=embeds, batch_size=batch_size,
-                 progress=progress)
+                 progress=progress, pieces=pieces)
+    if pieces:
+        for i in range(len(prompts)):
+            summary = pieces[0].summary(i)
+            applied[i] = any(summary["fired_steps"].values())
+            extra[i]["amg"] = summary
     reports = []
     for i, p in enumerate(prompts):
         reports.append(MitigationReport(
             prompt=p, seed=seeds[i], method=mitigation, applied=applied[i], score_before=float(before[i]),
             score_after=float(out.scores[i, 0]), used_prompt=used[i] if used[i] != p else None,
-            iterations=iters[i], final_loss=losses[i]))
+            iterations=iters[i], final_loss=losses[i], extra=extra[i]))
     if index is not None:
         nn = index.search(out.images)
         for i, r in enumerate(reports):
             r.nearest_id, r.nearest_distance = int(nn.ids[i]), float(nn.distance[i])
             r.nl2, r.memorized = float(nn.nl2[i]), bool(nn.memorized[i])
     return Generation(images=out.images, reports=reports, seconds=time.perf_counter() - t0)
+
+
+def default_index(model: Model):
+    """The training-set index shipped with a model (``<model>/index`` or, for a testbed,
+    ``<model>/testbed/index``); a clear error when there is none."""
+    from memfree.index import TrainingIndex
+    root = model.path
+    for path in ([root / "index", root / "testbed" / "index"] if root is not None else []):
+        if (path / "meta.json").exists():
+            return TrainingIndex.load(path)
+    raise ModelError(f"AMG needs a training-set index and {root} ships none: build one with "
+                     "`memfree index build --images DIR --out DIR` and pass it with --index")
 
 
 def keep_mask(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,

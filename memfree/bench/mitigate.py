@@ -28,14 +28,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memfree.mitigate import generate
+from memfree.mitigate import METHODS, default_index, generate
 from memfree.model import Model
 from memfree.testbed.bundle import Testbed, load_testbed
 from memfree.testbed.probe import accuracy
 from memfree.sampling import from_uint8
 
 SETS = ("verbatim", "image_dup", "caption_dup", "paraphrase", "heldout")
-DEFAULT_METHODS = ("none", "wen", "rta", "rna", "gni", "cwr")
+DEFAULT_METHODS = ("none", "wen", "rta", "rna", "gni", "cwr", "amg", "amg-strong")
 
 
 def similarity(nl2: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,19 @@ def evaluate_method(model: Model, tb: Testbed, method: str, name: str, seeds: li
         "score_before": float(np.mean([r.score_before for r in reports])),
         "score_after": float(np.mean([r.score_after for r in reports])),
         "mean_iterations": float(np.mean([r.iterations for r in applied])) if applied else 0.0,
+        **_amg_stats(reports),
     }
+
+
+def _amg_stats(reports: list) -> dict:
+    """For AMG rows: similarity checks per image (what the cadence and the screen save), the share of
+    images each term fired on, and the share screened out by the detection score."""
+    logs = [r.extra["amg"] for r in reports if "amg" in r.extra]
+    if not logs:
+        return {}
+    return {"checks_per_image": float(np.mean([g["checked_steps"] for g in logs])),
+            "screened_rate": float(np.mean([g["screened_out"] for g in logs])),
+            "fired_rate": {t: float(np.mean([bool(g["fired_steps"][t]) for g in logs])) for t in ("spe", "dup", "sim")}}
 
 
 def _save(path: Path, result: dict) -> None:
@@ -118,10 +130,11 @@ def _save(path: Path, result: dict) -> None:
 def run_bench(model: Model, json_out: str | Path, methods=DEFAULT_METHODS, sets=SETS, seeds=(0, 1, 2, 3),
               plot: str | Path | None = None, progress: bool = True) -> dict:
     """Run (or resume) the benchmark; rows already in ``json_out`` for the same settings are kept."""
-    unknown = [m for m in methods if m not in DEFAULT_METHODS]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(DEFAULT_METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     tb = load_testbed(model)
+    extra = {"train_index": default_index(model)} if any(m.startswith("amg") for m in methods) else {}
     json_out = Path(json_out)
     settings = {"seeds": list(seeds), "num_inference_steps": model.num_inference_steps,
                 "guidance_scale": model.guidance_scale, "target": (model.defaults.get("detection") or {}).get("threshold")}
@@ -133,7 +146,7 @@ def run_bench(model: Model, json_out: str | Path, methods=DEFAULT_METHODS, sets=
     done = {(r["method"], r["prompt_set"]) for r in result["rows"]}
     todo = [(m, s) for s in sets for m in (["none"] + [m for m in methods if m != "none"]) if (m, s) not in done]
     for m, s in tqdm(todo, desc="bench mitigate", disable=not progress):
-        result["rows"].append(evaluate_method(model, tb, m, s, list(seeds)))
+        result["rows"].append(evaluate_method(model, tb, m, s, list(seeds), **(extra if m.startswith("amg") else {})))
         _ratios(result["rows"])
         _save(json_out, result)
     _ratios(result["rows"])
@@ -152,13 +165,14 @@ def _ratios(rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """A Markdown table, one line per method and prompt set."""
-    head = "| method | prompt set | memorized | top-5% sim | top-1 sim | alignment | Fréchet | s/image | × none |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| method | prompt set | memorized | top-5% sim | top-1 sim | alignment | Fréchet | applied "
+            "| s/image | × none |")
+    lines = [head, "|" + "---|" * 10]
     for r in sorted(rows, key=lambda r: (SETS.index(r["prompt_set"]) if r["prompt_set"] in SETS else 99,
-                                         DEFAULT_METHODS.index(r["method"]))):
+                                         METHODS.index(r["method"]) if r["method"] in METHODS else 99)):
         ratio = "" if r.get("overhead_ratio") is None else f"{r['overhead_ratio']:.2f}"
         lines.append(f"| {r['method']} | {r['prompt_set']} | {r['memorization_rate']:.3f} | {r['top5_similarity']:.3f} "
-                     f"| {r['top1_similarity']:.3f} | {r['alignment']:.3f} | {r['frechet']:.2f} "
+                     f"| {r['top1_similarity']:.3f} | {r['alignment']:.3f} | {r['frechet']:.2f} | {r.get('applied_rate', 0):.2f} "
                      f"| {r['seconds_per_image']:.3f} | {ratio} |")
     return "\n".join(lines)
 

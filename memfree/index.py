@@ -1,0 +1,384 @@
+"""A nearest-neighbour index over a training set (one embedding, id and caption per image), searched with FAISS.
+
+Anti-Memorization Guidance uses it during sampling: the k nearest training images of a batch of generations,
+their stored vectors (for a differentiable similarity) and their captions. An index is a folder holding
+``index.faiss``, ``items.jsonl`` and ``meta.json``; meta.json is written last, so its presence marks a complete index.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EXACT_LIMIT = 200_000  # above this many vectors "auto" builds an approximate IVF+PQ index
+NPROBE = 16
+
+
+class IndexMismatchError(ValueError):
+    """Raised when an index (or a half-built one) does not match the embedder it is used with."""
+
+
+class Embedder:
+    """Maps images (B, 3, H, W) in [0, 1] to vectors (B, dim) float32, differentiably (AMG backpropagates)."""
+
+    kind: str = ""
+    dim: int = 0
+    metric: str = "l2"
+
+    def spec(self) -> dict:
+        """JSON-able description of the embedding (kind, dim, metric, preprocessing); an index stores it."""
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _resize(images: torch.Tensor, size: int | None, mode: str = "bilinear") -> torch.Tensor:
+    if size is None or images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False, antialias=False)
+
+
+class PixelEmbedder(Embedder):
+    """Raw pixels × 255, compared by Euclidean distance: a uint8 image maps to exact integers 0..255, which
+    FAISS's 8-bit direct scalar quantizer stores losslessly. ``size=None`` keeps (and on first call fixes) the
+    input size."""
+
+    kind, metric, scale = "pixel", "l2", 255.0
+
+    def __init__(self, size: int | None = None):
+        self.size = size
+        self.dim = 3 * size * size if size else 0
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "dim": self.dim, "metric": self.metric, "size": self.size,
+                "resize": "bilinear", "scale": self.scale}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.size is None and self.dim == 0 and images.shape[-1] == images.shape[-2]:
+            self.size = int(images.shape[-1])
+        out = _resize(images.float(), self.size).flatten(1) * self.scale
+        if self.dim == 0:
+            self.dim = out.shape[1]
+        return out
+
+
+class TorchScriptEmbedder(Embedder):
+    """A TorchScript image model (e.g. SSCD, the copy-detection model of Pizzi et al., whose usual preprocessing is
+    a resize to 320 (or 288) and the ImageNet mean/std); outputs are L2-normalised and compared by cosine."""
+
+    kind, metric = "torchscript", "cosine"
+
+    def __init__(self, path: str | Path, size: int = 224, mean: Sequence[float] = (0.485, 0.456, 0.406),
+                 std: Sequence[float] = (0.229, 0.224, 0.225), resize: str = "bilinear"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"TorchScript model {self.path} does not exist")
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript, yet SSCD ships as TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.module = torch.jit.load(str(self.path), map_location="cpu").eval()
+        self.size, self.mean, self.std, self.resize = int(size), tuple(map(float, mean)), tuple(map(float, std)), resize
+        with torch.no_grad():
+            self.dim = int(self(torch.zeros(1, 3, self.size, self.size)).shape[1])
+
+    def to(self, device: torch.device | str) -> "TorchScriptEmbedder":
+        """Move the model to ``device`` (inputs must live there too); returns self."""
+        self.module.to(device)
+        return self
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "dim": self.dim, "metric": self.metric, "size": self.size, "mean": list(self.mean),
+                "std": list(self.std), "resize": self.resize, "path": str(self.path)}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = _resize(images.float(), self.size, self.resize)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        out = self.module((x - mean) / std)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return F.normalize(out.flatten(1).float(), dim=1)
+
+
+def parse_embedder(text: str) -> Embedder:
+    """An embedder from a CLI string: ``pixel``, ``pixel:SIZE``, ``sscd:PATH`` (resize 320) or
+    ``torchscript:PATH`` (resize 224); the TorchScript forms take an optional ``:SIZE`` after the path."""
+    kind, _, rest = text.partition(":")
+    if kind == "pixel":
+        if not rest:
+            return PixelEmbedder()
+        if rest.isdigit() and int(rest) > 0:
+            return PixelEmbedder(int(rest))
+    elif kind in ("sscd", "torchscript") and rest:
+        size = 320 if kind == "sscd" else 224
+        head, _, tail = rest.rpartition(":")
+        if not Path(rest).is_file() and head and tail.isdigit():
+            rest, size = head, int(tail)
+        if not Path(rest).is_file():
+            raise ValueError(f"embedder model file {rest} does not exist")
+        return TorchScriptEmbedder(rest, size=size)
+    raise ValueError(f"unknown embedder {text!r}: use pixel, pixel:SIZE, sscd:PATH or torchscript:PATH")
+
+
+def embedder_from_spec(spec: dict) -> Embedder:
+    """Rebuild the embedder an index was built with from its stored spec."""
+    if spec["kind"] == "pixel":
+        emb = PixelEmbedder(spec.get("size"))
+        emb.dim = spec["dim"]
+        return emb
+    if spec["kind"] == "torchscript":
+        return TorchScriptEmbedder(spec["path"], spec["size"], spec["mean"], spec["std"],
+                                   spec.get("resize", "bilinear"))
+    raise ValueError(f"unknown embedder kind {spec['kind']!r} in index")
+
+
+def _check_spec(stored: dict, given: dict, where: str) -> None:
+    keys = [k for k in dict.fromkeys([*stored, *given]) if k != "path"]
+    diff = [f"{k} {stored.get(k)!r} (index) vs {given.get(k)!r} (given)" for k in keys if stored.get(k) != given.get(k)]
+    if diff:
+        raise IndexMismatchError(f"{where} was built with a different embedder: " + "; ".join(diff))
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class TrainingIndex:
+    """Training-set embeddings in FAISS with their ids and captions; results are best first."""
+
+    def __init__(self, embedder: Embedder, index, ids: list[str], captions: list[str | None], factory: str,
+                 nprobe: int | None = None, path: Path | None = None):
+        import faiss
+        self.embedder, self.index, self.ids, self.captions = embedder, index, ids, captions
+        self.factory, self.nprobe, self.path = factory, nprobe, path
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = nprobe or NPROBE
+            ivf.make_direct_map()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def build(cls, images, out_dir: str | Path, embedder: Embedder, **kwargs) -> "TrainingIndex":
+        """Same as :func:`build_index`."""
+        return build_index(images, out_dir, embedder, **kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path, embedder: Embedder | None = None) -> "TrainingIndex":
+        """Open a built index; with ``embedder`` given, check it matches the one the index was built with."""
+        import faiss
+        path = Path(path)
+        if not (path / "meta.json").exists():
+            state = "incomplete" if path.exists() and any(path.iterdir()) else "missing"
+            raise FileNotFoundError(f"index at {path} is {state} (no meta.json); (re)run `memfree index build`")
+        meta = json.loads((path / "meta.json").read_text())
+        stored = meta["embedder"]
+        if embedder is None:
+            embedder = embedder_from_spec(stored)
+        elif isinstance(embedder, PixelEmbedder) and embedder.dim == 0 and stored["kind"] == "pixel":
+            embedder.size, embedder.dim = stored.get("size"), stored["dim"]
+        _check_spec(stored, embedder.spec(), f"index at {path}")
+        items = [json.loads(line) for line in (path / "items.jsonl").read_text().splitlines() if line.strip()]
+        index = faiss.read_index(str(path / "index.faiss"))
+        if not (index.ntotal == len(items) == meta["count"]):
+            raise ValueError(f"index at {path} is inconsistent; rerun `memfree index build`")
+        return cls(embedder, index, [str(it["id"]) for it in items], [it.get("caption") for it in items],
+                   meta["factory"], meta.get("nprobe"), path)
+
+    def search(self, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest stored vectors of each query (B, dim): (distances for l2 / cosine similarities, positions),
+        each (B, k) on the queries' device. IVF indexes may return position -1 when too few vectors are probed."""
+        q = vectors.detach().float()
+        if q.ndim != 2 or q.shape[1] != self.embedder.dim:
+            raise ValueError(f"queries must be (B, {self.embedder.dim}), got {tuple(q.shape)}")
+        if self.embedder.metric == "cosine":
+            q = F.normalize(q, dim=1)
+        k = max(1, min(k, len(self)))
+        d, i = self.index.search(np.ascontiguousarray(q.cpu().numpy(), dtype=np.float32), k)
+        d, i = torch.from_numpy(d), torch.from_numpy(i).long()
+        if self.embedder.metric == "l2":  # recompute exactly: FAISS's ‖q‖² + ‖x‖² − 2q·x cancels badly on pixels
+            found = i >= 0
+            d = (q.cpu()[:, None] - self.vectors(i.clamp_min(0))).norm(dim=-1).masked_fill(~found, float("inf"))
+            d, order = d.sort(dim=1)
+            i = i.gather(1, order)
+        return d.to(vectors.device), i.to(vectors.device)
+
+    def vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        """Stored vectors at integer positions, shape (...,) -> (..., dim) float32 on ``idx``'s device."""
+        flat = np.ascontiguousarray(idx.detach().cpu().reshape(-1).numpy(), dtype=np.int64)
+        out = self.index.reconstruct_batch(flat) if len(flat) else np.zeros((0, self.embedder.dim), np.float32)
+        return torch.from_numpy(out).float().reshape(*idx.shape, -1).to(idx.device)
+
+
+def _batch_tensor(images, start: int, stop: int) -> list[torch.Tensor]:
+    """Images [start, stop) as (B, 3, H, W) float tensors in [0, 1]; one tensor, or one per size if sizes differ."""
+    if isinstance(images, np.ndarray):
+        arrays = [images[start:stop]]
+    else:
+        from PIL import Image
+        arrays = []
+        for p in images[start:stop]:
+            with Image.open(p) as im:
+                arrays.append(np.asarray(im.convert("RGB"))[None])
+        if len({a.shape for a in arrays}) == 1:
+            arrays = [np.concatenate(arrays)]
+    return [torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 255.0 for a in arrays]
+
+
+def _embed(embedder: Embedder, images, start: int, stop: int) -> np.ndarray:
+    with torch.no_grad():
+        out = torch.cat([embedder(x) for x in _batch_tensor(images, start, stop)]).float().numpy()
+    if out.shape[1] != embedder.dim:
+        raise ValueError(f"embedding has {out.shape[1]} values, expected {embedder.dim}: images of different sizes "
+                         "need a fixed size (e.g. --embedder pixel:64)")
+    return out
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file handle, so np.save does not append ".npy" to the temp name
+        np.save(f, array)
+
+
+def _make_faiss(vectors: np.ndarray, metric: str, factory: str) -> tuple[object, str, int | None]:
+    import faiss
+    n, dim = vectors.shape
+    if factory == "auto":  # 8-bit direct only when lossless: integer pixel values, i.e. no resizing happened
+        exact8 = metric == "l2" and vectors.min() >= 0 and vectors.max() <= 255 and (vectors == vectors.round()).all()
+        factory = "ivfpq" if n > EXACT_LIMIT else ("sq8" if exact8 else "flat")
+    if factory == "flat":
+        name, nprobe = "Flat", None
+    elif factory == "sq8":  # integer pixel values are stored exactly; cosine vectors need a trained range
+        name, nprobe = ("SQ8_direct" if metric == "l2" else "SQ8"), None
+    elif factory == "ivfpq":
+        if n < 100:
+            raise ValueError(f"an IVF+PQ index needs at least 100 images, got {n}; use --factory flat")
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        m = max(d for d in range(1, min(dim, 64) + 1) if dim % d == 0)
+        nbits = max(1, min(8, int(math.log2(min(n, 100_000) / 39))))  # 39 training points per PQ centroid
+        # "np": skip polysemous training, slow and only useful for polysemous (Hamming-filtered) search
+        name, nprobe = f"IVF{nlist},PQ{m}" + ("" if nbits == 8 else f"x{nbits}") + "np", NPROBE
+    else:
+        raise ValueError(f"unknown factory {factory!r}: use auto, flat, sq8 or ivfpq")
+    index = faiss.index_factory(dim, name, faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        rng = np.random.default_rng(0)
+        sample = vectors if n <= 100_000 else vectors[np.sort(rng.choice(n, 100_000, replace=False))]
+        index.train(sample)
+    index.add(vectors)
+    return index, name, nprobe
+
+
+def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, embedder: Embedder,
+                ids: Sequence[str] | None = None, captions: Sequence[str | None] | None = None,
+                batch_size: int = 256, factory: str = "auto", progress: bool = True) -> TrainingIndex:
+    """Embed ``images`` (uint8 N×H×W×3 array or image paths) in resumable batches and write an index to ``out_dir``.
+
+    Each batch's vectors are saved to ``out_dir/shards``; rerunning after an interruption embeds only missing batches.
+    """
+    from tqdm.auto import tqdm
+    n = len(images)
+    if n == 0:
+        raise ValueError("no images to index")
+    ids = [str(i) for i in (ids if ids is not None else range(n))]
+    captions = list(captions) if captions is not None else [None] * n
+    if len(ids) != n or len(captions) != n:
+        raise ValueError(f"{n} images but {len(ids)} ids and {len(captions)} captions")
+    out, shards = Path(out_dir), Path(out_dir) / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    if embedder.dim == 0:  # e.g. PixelEmbedder() learns its size from the first image
+        _embed(embedder, images, 0, 1)
+    plan = {"embedder": embedder.spec(), "count": n, "batch_size": batch_size}
+    if (shards / "build.json").exists():
+        old = json.loads((shards / "build.json").read_text())
+        where = f"half-built index at {out} (delete the folder to start over)"
+        _check_spec(old["embedder"], plan["embedder"], where)
+        if (old["count"], old["batch_size"]) != (n, batch_size):
+            raise IndexMismatchError(f"{where} was started with {old['count']} images in batches of "
+                                     f"{old['batch_size']}, now {n} in batches of {batch_size}")
+    else:
+        _atomic_write(shards / "build.json", lambda p: p.write_text(json.dumps(plan)))
+    starts = range(0, n, batch_size)
+    for b, start in enumerate(tqdm(starts, desc="embedding", unit="batch", disable=not progress)):
+        shard = shards / f"{b:06d}.npy"
+        if not shard.exists():
+            vec = _embed(embedder, images, start, min(start + batch_size, n))
+            _atomic_write(shard, lambda p: _save_npy(p, vec))
+    vectors = np.concatenate([np.load(shards / f"{b:06d}.npy") for b in range(len(starts))]).astype(np.float32)
+    index, name, nprobe = _make_faiss(vectors, embedder.metric, factory)
+    import faiss
+    (out / "meta.json").unlink(missing_ok=True)  # an older index here is being replaced: no longer complete
+    _atomic_write(out / "index.faiss", lambda p: faiss.write_index(index, str(p)))
+    lines = "".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in zip(ids, captions))
+    _atomic_write(out / "items.jsonl", lambda p: p.write_text(lines))
+    meta = {"format": 1, "embedder": embedder.spec(), "count": n, "factory": name, "nprobe": nprobe}
+    _atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    shutil.rmtree(shards)
+    return TrainingIndex(embedder, index, ids, captions, name, nprobe, out)
+
+
+def _testbed_source(folder: Path) -> tuple[np.ndarray, list[str], list[str | None]]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    with np.load(folder / "images.npz") as z:
+        images = z["images"]
+    counts: dict[int, Counter] = {}
+    for item in manifest.get("train", []):
+        counts.setdefault(int(item["image"]), Counter())[item["caption"]] += 1
+    captions = [counts[i].most_common(1)[0][0] if i in counts else None for i in range(len(images))]
+    return images, [str(i) for i in range(len(images))], captions
+
+
+def _read_captions(path: Path, names: list[str]) -> list[str | None]:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        lines = path.read_text().splitlines()
+        if len(lines) != len(names):
+            raise ValueError(f"{path} has {len(lines)} captions for {len(names)} images")
+        return [line.strip() or None for line in lines]
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif suffix == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise ValueError(f"captions file {path} must be .txt, .jsonl or .csv")
+    if rows and not {"file", "caption"} <= set(rows[0]):
+        raise ValueError(f"captions file {path} needs the fields 'file' and 'caption'")
+    by_name = {Path(r["file"]).name: r["caption"] for r in rows}
+    return [by_name.get(name) or None for name in names]
+
+
+def load_image_source(images: str | Path, captions: str | Path | None = None
+                      ) -> tuple[np.ndarray | list[Path], list[str], list[str | None]]:
+    """Images, ids and captions to index: a testbed data folder (or its manifest.json), or a folder of image files
+    with an optional captions file (.txt in sorted file order, or .jsonl/.csv with file and caption)."""
+    path = Path(images)
+    if not path.exists():
+        raise ValueError(f"image source {path} does not exist")
+    if path.is_file() and path.name == "manifest.json":
+        path = path.parent
+    if path.is_dir() and (path / "manifest.json").exists() and (path / "images.npz").exists():
+        return _testbed_source(path)
+    if not path.is_dir():
+        raise ValueError(f"image source {path} is neither a folder of images nor a testbed manifest.json")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    names = [p.name for p in files]
+    if captions and not Path(captions).is_file():
+        raise ValueError(f"captions file {captions} does not exist")
+    caps = _read_captions(Path(captions), names) if captions else [None] * len(files)
+    return files, names, caps
