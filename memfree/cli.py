@@ -86,6 +86,10 @@ def demo(model_path, out, seed, scheduler, quiet):
 @click.option("--amg-check-every", type=int, default=None, help="AMG: check σ every n-th step until under watch.")
 @click.option("--amg-screen", type=float, default=None,
               help="AMG two-stage gate: skip images whose first-step detection score is under this.")
+@click.option("--amg-watch", type=float, default=None, help="AMG: σ above which an image is checked every step.")
+@click.option("--amg-always", is_flag=True, default=None, help="AMG ablation: guide at every step, ignoring the gate.")
+@click.option("--amg-k", type=int, default=None, help="AMG: neighbours averaged in nL2 (pixel indexes).")
+@click.option("--amg-alpha", type=float, default=None, help="AMG: α of nL2.")
 @click.option("--seed", default=0, show_default=True, help="Image i of a request uses seed + i.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
 @click.option("--guidance", type=float, default=None, help="CFG scale (default: the model's).")
@@ -94,7 +98,7 @@ def demo(model_path, out, seed, scheduler, quiet):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @quiet_option
 def generate(prompts, prompts_file, model_path, mitigation, target, index_dir, amg_c1, amg_c2, amg_c3, amg_lambda,
-             amg_terms, amg_check_every, amg_screen, seed, steps, guidance, scheduler, out, as_json, quiet):
+             amg_terms, amg_check_every, amg_screen, amg_watch, amg_always, amg_k, amg_alpha, seed, steps, guidance, scheduler, out, as_json, quiet):
     """Generate images with an optional mitigation; report the detection score before and after, and
     the nearest training image when the model is a testbed."""
     from PIL import Image
@@ -110,7 +114,8 @@ def generate(prompts, prompts_file, model_path, mitigation, target, index_dir, a
     if (model.path / "testbed" / "manifest.json").exists():
         from memfree.testbed.bundle import load_testbed
         index = load_testbed(model).index
-    amg = {"c1": amg_c1, "c2": amg_c2, "c3": amg_c3, "check_every": amg_check_every, "screen": amg_screen}
+    amg = {"c1": amg_c1, "c2": amg_c2, "c3": amg_c3, "check_every": amg_check_every, "screen": amg_screen,
+           "watch": amg_watch, "always_on": amg_always, "k": amg_k, "alpha": amg_alpha}
     if amg_lambda is not None:
         try:
             amg["lam_lo"], amg["lam_hi"] = (float(v) for v in amg_lambda.split(","))
@@ -245,6 +250,59 @@ def bench_mitigate(model_path, methods, sets, seeds, steps, json_out, plot, tabl
     Path(table).write_text(text + "\n")
     click.echo(text)
     click.echo(f"wrote {json_out}, {table}, {plot}")
+
+
+@bench.command("filter")
+@model_option
+@click.option("--thresholds", default="1,2,3,4,6", show_default=True, help="Comma-separated τ values.")
+@click.option("--samples", default=1024, show_default=True, help="Training samples to score.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_out", default=None, metavar="OUT")
+def bench_filter(model_path, thresholds, samples, seed, json_out):
+    """Would the training-time filter drop the planted samples? Scores per kind of training sample."""
+    from memfree.bench.filter import filter_rates, format_table
+    try:
+        taus = tuple(float(v) for v in thresholds.split(","))
+    except ValueError:
+        raise click.UsageError(f"--thresholds takes comma-separated numbers, got {thresholds!r}") from None
+    res = filter_rates(_load(model_path), taus, samples, seed)
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=2))
+    click.echo(format_table(res))
+
+
+@bench.command("overhead")
+@model_option
+@click.option("--methods", default="amg,amg-every,amg-screen,wen", show_default=True)
+@click.option("--set", "prompt_set", default="heldout", show_default=True, help="Testbed prompt set.")
+@click.option("--prompts", "prompts_file", default=None, metavar="FILE", help="Or a prompts file.")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--json", "json_out", default=None, metavar="OUT")
+@quiet_option
+def bench_overhead(model_path, methods, prompt_set, prompts_file, repeats, json_out, quiet):
+    """Time added by each mitigation over `none`: interleaved repeats, median ratio."""
+    from memfree.bench.overhead import measure_overhead
+    model = _load(model_path)
+    if prompts_file:
+        prompts = read_prompts((), prompts_file)
+    else:
+        from memfree.testbed.bundle import load_testbed
+        sets = load_testbed(model).eval_sets
+        if prompt_set not in sets:
+            raise click.UsageError(f"unknown prompt set {prompt_set!r}; choose one of {', '.join(sets)}")
+        prompts = [e["prompt"] for e in sets[prompt_set]]
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    extra = {}
+    if any(m.startswith("amg") for m in names):
+        from memfree.mitigate import default_index
+        extra["train_index"] = default_index(model)
+    res = measure_overhead(model, prompts, names, repeats, progress=not quiet, **extra)
+    res["prompt_set"] = prompts_file or prompt_set
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=2))
+    for r in res["rows"]:
+        click.echo(f"{r['method']:>12}  {r['seconds_per_image']:.3f} s/image  ×{r['overhead_ratio']:.3f} none  "
+                   f"(rounds: {', '.join(f'{x:.3f}' for x in r['ratios'])})")
 
 
 @bench.command("detect")

@@ -17,8 +17,13 @@ k = 50 nearest images, so an exact copy is 1, "no closer than the crowd" is 0 an
 threshold nL2 < 1.4 is σ > 0.3. For a ``cosine`` index (SSCD or another embedder), σ is the cosine
 to the nearest neighbour (memorized above 0.5 for SSCD).
 
-Beyond the paper, a two-stage gate: the free first-step detection score ‖ε_c − ε_u‖ decides whether
-an image is checked at all. Images scored under ``screen`` never pay for a similarity search.
+Beyond the paper, two ways to make ordinary prompts pay next to nothing:
+
+* a cadence: σ is checked every ``check_every`` steps, and at every step once an image is under watch
+  (σ above ``watch``, or the gate has fired). This is the default;
+* a screen: the free first-step detection score ‖ε_c − ε_u‖ decides whether an image is checked at
+  all; images scored under ``screen`` never pay for a search. On the testbed it misses the
+  image-duplication copies, whose captions are ordinary (see the README), so it is an option.
 """
 from __future__ import annotations
 

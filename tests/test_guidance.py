@@ -136,6 +136,16 @@ def test_all_three_terms_fire_through_the_vae_of_a_latent_model(tiny_sd_path, tm
     assert torch.equal(sample(model, [prompt], 0, pieces=[quiet], progress=False).images, own)
 
 
+def test_an_empty_prompt_gets_the_dissimilarity_term_only(tiny_sd_path, tmp_path):
+    model = memfree.load(tiny_sd_path)
+    model.defaults.update(num_inference_steps=3, guidance_scale=7.5)
+    own, index = _plant(model, "", tmp_path, PixelEmbedder())
+    piece = AMG(index, AMGConfig(c3=50.0, always_on=True, check_every=1))
+    sample(model, [""], 0, pieces=[piece], progress=False)
+    fired = piece.summary(0)["fired_steps"]
+    assert fired == {"spe": [], "dup": [], "sim": [0, 1, 2]}
+
+
 def test_cosine_index_from_a_torchscript_embedder(tiny_sd_path, tmp_path):
     class Net(torch.nn.Module):
         def __init__(self):

@@ -62,3 +62,27 @@ def test_rows_on_the_bundled_testbed_and_resume(tmp_path):
 def test_unknown_method_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         run_bench(memfree.load(), tmp_path / "x.json", methods=("magic",), progress=False)
+
+
+def test_filter_bench_counts_keep_rates_per_kind():
+    from memfree.bench.filter import filter_rates
+    model = memfree.load(memfree.model.bundled_model_path())
+    res = filter_rates(model, thresholds=(0.0, 1.0, 3.0, 1e9), samples=96, batch_size=48)
+    rows = {r["kind"]: r for r in res["rows"]}
+    assert "ordinary" in rows and "verbatim" in rows
+    assert sum(r["n"] for r in rows.values()) == 96
+    for r in rows.values():
+        keep = [r["keep_rate"][str(t)] for t in (0.0, 1.0, 3.0, 1e9)]
+        assert keep[0] == 0.0 and keep[-1] == 1.0 and keep == sorted(keep)
+        assert r["percentiles"]["10"] <= r["percentiles"]["50"] <= r["percentiles"]["90"]
+
+
+def test_overhead_bench_interleaves_and_takes_ratios_to_none(tiny_sd_path):
+    from memfree.bench.overhead import measure_overhead
+    model = memfree.load(tiny_sd_path)
+    model.defaults["num_inference_steps"] = 2
+    res = measure_overhead(model, ["a cat", "a dog"], ["rna", "none"], repeats=2, progress=False)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["none", "rna"] and res["repeats"] == 2
+    assert rows["none"]["ratios"] == [1.0, 1.0] and rows["none"]["overhead_ratio"] == 1.0
+    assert len(rows["rna"]["ratios"]) == 2 and all(r > 0 for r in rows["rna"]["ratios"])
