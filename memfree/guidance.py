@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from memfree.sampling import StepState, _to_eps
+from memfree.similarity import normalised_l2, similarity_from_nl2
 
 TERMS = ("spe", "dup", "sim")
 
@@ -129,7 +130,7 @@ def nearest(index, images: torch.Tensor, k: int = 50, alpha: float = 0.5
             sim, ids = index.search(emb, 1)
             return sim[:, 0].float(), ids
         d, ids = index.search(emb, k)
-        return 1 - d[:, 0] / (alpha * d.mean(dim=1)).clamp(min=1e-12) / 2, ids
+        return similarity_from_nl2(normalised_l2(d, alpha)), ids
 
 
 def similarity_to(index, images: torch.Tensor, ids: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -140,7 +141,7 @@ def similarity_to(index, images: torch.Tensor, ids: torch.Tensor, alpha: float =
     if index.embedder.metric == "cosine":
         return torch.nn.functional.cosine_similarity(emb, near[:, 0], dim=1)
     d = (emb[:, None, :] - near).norm(dim=-1)
-    return 1 - d[:, 0] / (alpha * d.mean(dim=1)).clamp(min=1e-12) / 2
+    return similarity_from_nl2(normalised_l2(d, alpha))
 
 
 def _new_entry() -> dict:

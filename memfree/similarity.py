@@ -17,6 +17,16 @@ from memfree.sampling import from_uint8
 NL2_THRESHOLD = 1.4
 
 
+def normalised_l2(distances: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """nL2 per row from the ℓ2 distances to the k nearest training images (B, k), nearest first."""
+    return distances[:, 0] / (alpha * distances.mean(dim=1)).clamp(min=1e-12)
+
+
+def similarity_from_nl2(nl2: torch.Tensor) -> torch.Tensor:
+    """s = 1 − nL2/2: 1 for an exact copy, 0 for "no closer than the crowd"; nL2 = 1.4 is s = 0.3."""
+    return 1 - nl2 / 2
+
+
 @dataclass
 class Neighbours:
     ids: torch.Tensor        # (B,) nearest training image id
@@ -52,5 +62,4 @@ class PixelIndex:
     def search(self, images: torch.Tensor) -> Neighbours:
         d = self.distances(images)
         near, ids = d.topk(self.k, dim=1, largest=False)
-        nl2 = near[:, 0] / (self.alpha * near.mean(dim=1)).clamp(min=1e-12)
-        return Neighbours(ids=ids[:, 0], distance=near[:, 0], nl2=nl2)
+        return Neighbours(ids=ids[:, 0], distance=near[:, 0], nl2=normalised_l2(near, self.alpha))

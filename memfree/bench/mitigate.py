@@ -33,13 +33,10 @@ from memfree.model import Model
 from memfree.testbed.bundle import Testbed, load_testbed
 from memfree.testbed.probe import accuracy
 from memfree.sampling import from_uint8
+from memfree.similarity import NL2_THRESHOLD, similarity_from_nl2
 
 SETS = ("verbatim", "image_dup", "caption_dup", "paraphrase", "heldout")
 DEFAULT_METHODS = ("none", "wen", "rta", "rna", "gni", "cwr", "amg", "amg-strong")
-
-
-def similarity(nl2: torch.Tensor) -> torch.Tensor:
-    return 1 - nl2 / 2
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -80,7 +77,7 @@ def evaluate_method(model: Model, tb: Testbed, method: str, name: str, seeds: li
     images = torch.cat(images)
     owners = [e for _ in seeds for e in entries]
     nl2 = torch.tensor([r.nl2 for r in reports])
-    sim = similarity(nl2).sort(descending=True).values
+    sim = similarity_from_nl2(nl2).sort(descending=True).values
     top = max(1, int(round(0.05 * len(sim))))
     feats = _features(tb, images)
     if name == "heldout":
@@ -98,7 +95,7 @@ def evaluate_method(model: Model, tb: Testbed, method: str, name: str, seeds: li
     applied = [r for r in reports if r.applied]
     return {
         "method": method, "prompt_set": name, "prompts": len(entries), "generations": len(images),
-        "memorization_rate": float((nl2 < 1.4).float().mean()),
+        "memorization_rate": float((nl2 < NL2_THRESHOLD).float().mean()),
         "top5_similarity": float(sim[:top].mean()), "top1_similarity": float(sim[0]),
         "alignment": alignment, "frechet": frechet_distance(feats.numpy(), ref),
         "seconds_per_image": seconds / len(images),
