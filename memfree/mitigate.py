@@ -245,6 +245,17 @@ def default_index(model: Model):
                      "`memfree index build --images DIR --out DIR` and pass it with --index")
 
 
+def training_scores(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                    uncond: torch.Tensor) -> torch.Tensor:
+    """‖ε(x_t, c) − ε(x_t, ∅)‖₂ per training sample at its own timestep, without gradient, in one
+    batched UNet call; ``uncond`` may be a single (1, L, D) embedding."""
+    with torch.no_grad():
+        b = len(noisy)
+        out = unet(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
+                   torch.cat([cond, uncond.expand(b, -1, -1)])).sample.float()
+        return (out[:b] - out[b:]).flatten(1).norm(dim=1)
+
+
 def keep_mask(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor,
               threshold: float) -> torch.Tensor:
     """Training-time mitigation (Wen et al. §4): which samples of a batch to keep in the loss.
@@ -255,9 +266,4 @@ def keep_mask(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Te
         keep = keep_mask(unet, noisy_latents, timesteps, encoder_hidden_states, empty_states, tau)
         loss = (per_sample_loss * keep).sum() / keep.sum().clamp(min=1)   # skip the step if none kept
     """
-    with torch.no_grad():
-        b = len(noisy)
-        out = unet(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
-                   torch.cat([cond, uncond.expand(b, -1, -1)])).sample.float()
-        eps_c, eps_u = out[:b], out[b:]
-        return (eps_c - eps_u).flatten(1).norm(dim=1) < threshold
+    return training_scores(unet, noisy, timesteps, cond, uncond) < threshold

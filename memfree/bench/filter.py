@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from memfree.mitigate import training_scores
 from memfree.model import Model
 from memfree.testbed.bundle import load_testbed
 from memfree.testbed.train import train_scheduler
@@ -37,10 +38,7 @@ def filter_rates(model: Model, thresholds=(1.0, 2.0, 3.0, 4.0, 6.0), samples: in
             x0 = pixels[[c["image"] for c in chosen]]
             t = ts[lo:lo + batch_size]
             x_t = sched.add_noise(x0, torch.randn(x0.shape, generator=g), t)
-            cond = model.encode([c["caption"] for c in chosen])
-            e_c = model.unet(x_t, t, cond).sample
-            e_u = model.unet(x_t, t, uncond.expand(len(chosen), -1, -1)).sample
-            scores.append((e_c - e_u).flatten(1).norm(dim=1))
+            scores.append(training_scores(model.unet, x_t, t, model.encode([c["caption"] for c in chosen]), uncond))
     scores = torch.cat(scores).numpy()
     kinds = np.array([items[i]["kind"] for i in pick.tolist()])
     ts = ts.numpy()
