@@ -292,11 +292,7 @@ def bench_overhead(model_path, methods, prompt_set, prompts_file, repeats, json_
             raise click.UsageError(f"unknown prompt set {prompt_set!r}; choose one of {', '.join(sets)}")
         prompts = [e["prompt"] for e in sets[prompt_set]]
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    extra = {}
-    if any(m.startswith("amg") for m in names):
-        from memfree.mitigate import default_index
-        extra["train_index"] = default_index(model)
-    res = measure_overhead(model, prompts, names, repeats, progress=not quiet, **extra)
+    res = measure_overhead(model, prompts, names, repeats, progress=not quiet)
     res["prompt_set"] = prompts_file or prompt_set
     if json_out:
         Path(json_out).write_text(json.dumps(res, indent=2))

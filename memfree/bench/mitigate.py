@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memfree.guidance import AMG_METHODS
 from memfree.mitigate import METHODS, default_index, generate
 from memfree.model import Model
 from memfree.testbed.bundle import Testbed, load_testbed
@@ -131,7 +132,7 @@ def run_bench(model: Model, json_out: str | Path, methods=DEFAULT_METHODS, sets=
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     tb = load_testbed(model)
-    extra = {"train_index": default_index(model)} if any(m.startswith("amg") for m in methods) else {}
+    extra = {"train_index": default_index(model)} if any(m in AMG_METHODS for m in methods) else {}
     json_out = Path(json_out)
     settings = {"seeds": list(seeds), "num_inference_steps": model.num_inference_steps,
                 "guidance_scale": model.guidance_scale, "target": (model.defaults.get("detection") or {}).get("threshold")}
@@ -143,7 +144,7 @@ def run_bench(model: Model, json_out: str | Path, methods=DEFAULT_METHODS, sets=
     done = {(r["method"], r["prompt_set"]) for r in result["rows"]}
     todo = [(m, s) for s in sets for m in (["none"] + [m for m in methods if m != "none"]) if (m, s) not in done]
     for m, s in tqdm(todo, desc="bench mitigate", disable=not progress):
-        result["rows"].append(evaluate_method(model, tb, m, s, list(seeds), **(extra if m.startswith("amg") else {})))
+        result["rows"].append(evaluate_method(model, tb, m, s, list(seeds), **(extra if m in AMG_METHODS else {})))
         _ratios(result["rows"])
         _save(json_out, result)
     _ratios(result["rows"])

@@ -12,14 +12,18 @@ import time
 
 from tqdm.auto import tqdm
 
-from memfree.mitigate import generate
+from memfree.guidance import AMG_METHODS
+from memfree.mitigate import default_index, generate
 from memfree.model import Model
 
 
 def measure_overhead(model: Model, prompts: list[str], methods: list[str], repeats: int = 3, seed: int = 0,
                      progress: bool = True, **kwargs) -> dict:
-    """Seconds per image for ``none`` and each method, and each method's median per-round ratio to ``none``."""
+    """Seconds per image for ``none`` and each method, and each method's median per-round ratio to ``none``.
+    AMG methods search the model's own index (loaded once) unless ``train_index`` is given."""
     methods = ["none"] + [m for m in methods if m != "none"]
+    if any(m in AMG_METHODS for m in methods) and kwargs.get("train_index") is None:
+        kwargs["train_index"] = default_index(model)
     times: dict[str, list[float]] = {m: [] for m in methods}
     generate(model, prompts[:2], "none", seed=seed, progress=False)  # warm-up: first calls are slow
     bar = tqdm(total=repeats * len(methods), desc="bench overhead", disable=not progress)
