@@ -177,8 +177,12 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", see
     rngs = [np.random.default_rng([s, 7919]) for s in seeds]
     x_T = initial_noise(model, seeds)
     embeds = model.encode(prompts).float()
-    before = torch.cat([first_step_scores(model, embeds[lo:lo + batch_size], x_T[lo:lo + batch_size])[0].cpu()
-                        for lo in range(0, len(prompts), batch_size)])
+    # The original prompt's first-step score. Methods that sample with the original embedding get it
+    # free from the sampling loop's first step; the others need one extra UNet pass for it.
+    before = None
+    if mitigation != "none" and mitigation not in AMG_METHODS:
+        before = torch.cat([first_step_scores(model, embeds[lo:lo + batch_size], x_T[lo:lo + batch_size])[0].cpu()
+                            for lo in range(0, len(prompts), batch_size)])
     used, applied = list(prompts), [False] * len(prompts)
     iters, losses = [0] * len(prompts), [None] * len(prompts)
     extra: list[dict] = [{} for _ in prompts]
@@ -219,6 +223,8 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", see
             summary = pieces[0].summary(i)
             applied[i] = any(summary["fired_steps"].values())
             extra[i]["amg"] = summary
+    if before is None:
+        before = out.scores[:, 0]
     reports = []
     for i, p in enumerate(prompts):
         reports.append(MitigationReport(
