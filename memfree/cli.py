@@ -323,10 +323,12 @@ def testbed() -> None:
 @testbed.command("data")
 @click.option("--out", required=True, help="Folder for images.npz and manifest.json.")
 @click.option("--seed", default=0, show_default=True)
-def testbed_data(out, seed):
+@click.option("--style", default="v2", show_default=True, type=click.Choice(["v2", "v3"]),
+              help="Drawing constants (memfree.testbed.render.STYLES); v2 made the bundled model.")
+def testbed_data(out, seed, style):
     """Write the testbed data set with planted memorization and its ground truth."""
     from memfree.testbed.data import build_dataset
-    m = build_dataset(out, seed=seed)
+    m = build_dataset(out, seed=seed, style=style)
     click.echo(json.dumps(m["counts"]))
 
 
@@ -340,15 +342,16 @@ def testbed_data(out, seed):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--filter-threshold", type=float, default=None,
               help="Training-time mitigation: drop samples whose ‖ε_c − ε_u‖₂ is at or above this from the loss.")
+@click.option("--device", default="cpu", show_default=True, help="Where the training steps run: cpu or cuda.")
 @quiet_option
-def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter_threshold, quiet):
+def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter_threshold, device, quiet):
     """Train (or resume) the testbed model, then attach its ground truth and alignment probe."""
     from functools import partial
     from memfree.mitigate import keep_mask
     from memfree.testbed.train import finish_model, train
     keep = None if filter_threshold is None else partial(keep_mask, threshold=filter_threshold)
     model_dir = train(data_dir, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
-                      stop_after=stop_after, keep_mask_fn=keep)
+                      stop_after=stop_after, keep_mask_fn=keep, device=device)
     if model_dir is None:
         click.echo(f"stopped with a checkpoint in {out}; run again to resume")
         return

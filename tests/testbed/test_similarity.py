@@ -4,7 +4,7 @@ import torch
 
 from memfree.similarity import PixelIndex
 from memfree.sampling import from_uint8
-from memfree.testbed.render import render
+from memfree.testbed.render import render, style_of
 
 
 def test_training_images_are_their_own_neighbours(testbed_data):
@@ -21,8 +21,9 @@ def test_obeying_a_prompt_is_not_memorization(testbed_data):
     _, images, m = testbed_data
     index = PixelIndex(images)
     rng = np.random.default_rng(5)
-    held = [render(a, rng) for a in m["heldout_compositions"]]
-    once = [render(e["attrs"], rng) for e in m["eval"]["seen_once"]]
+    style = style_of(m)
+    held = [render(a, rng, m["size"], style) for a in m["heldout_compositions"]]
+    once = [render(e["attrs"], rng, m["size"], style) for e in m["eval"]["seen_once"]]
     assert index.search(from_uint8(np.stack(held))).memorized.float().mean() <= 0.03
     assert index.search(from_uint8(np.stack(once))).memorized.float().mean() <= 0.05
 
