@@ -67,20 +67,21 @@ def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: flo
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
 
 
 def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_size: int = 32,
           lr: float = 1e-3, seed: int = 0, caption_dropout: float = 0.1, ema_decay: float = 0.999,
           checkpoint_every: int = 200, quiet: bool = False, keep_mask_fn=None,
-          stop_after: int | None = None) -> Path | None:
+          stop_after: int | None = None, device: str = "cpu") -> Path | None:
     """Train (or resume) a testbed model into ``out_dir``; returns the exported model directory.
 
     ``keep_mask_fn(unet, x_t, t, cond, uncond) -> bool mask`` optionally filters samples out of the
     loss (training-time mitigation); filtered batches with no survivor skip the optimiser step.
     ``stop_after`` ends this call after that many steps with a checkpoint (a time-boxed run) and
-    returns None; calling again resumes.
+    returns None; calling again resumes. ``device`` ("cpu", "cuda") is where the steps run; the random
+    streams are drawn on the CPU either way, so a run is the same recipe on every device.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,8 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
 
     torch.manual_seed(seed)
     unet, text_encoder = make_unet(size), make_text_encoder()
-    unet = unet.to(memory_format=torch.channels_last)  # about 7% faster convolutions on CPU
+    unet = unet.to(device, memory_format=torch.channels_last)  # about 7% faster convolutions on CPU
+    text_encoder = text_encoder.to(device)
     scheduler = train_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -118,9 +120,9 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
         tensors = load_file(str(ckpt))
         unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
         text_encoder.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
-        ema_unet = {k[9:]: v for k, v in tensors.items() if k.startswith("ema_unet.")}
-        ema_text = {k[9:]: v for k, v in tensors.items() if k.startswith("ema_text.")}
-        opt_state = torch.load(out_dir / "optimizer.pt", weights_only=True)
+        ema_unet = {k[9:]: v.to(device) for k, v in tensors.items() if k.startswith("ema_unet.")}
+        ema_text = {k[9:]: v.to(device) for k, v in tensors.items() if k.startswith("ema_text.")}
+        opt_state = torch.load(out_dir / "optimizer.pt", weights_only=True, map_location=device)
         opt.load_state_dict(opt_state)
         sched.load_state_dict(state["lr_scheduler"])
         start, elapsed, log = state["step"], state["elapsed_s"], state["log"]
@@ -146,12 +148,14 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # per-step stream: exact resume
         pick = torch.randint(0, len(items), (batch_size,), generator=g)
-        x0 = pixels[image_ids[pick]].contiguous(memory_format=torch.channels_last)
+        x0 = pixels[image_ids[pick]]
         ids = ids_all[pick].clone()
         drop = torch.rand(batch_size, generator=g) < caption_dropout
         ids[drop] = empty_ids
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        x0 = x0.to(device).contiguous(memory_format=torch.channels_last)
+        noise, t, ids = noise.to(device), t.to(device), ids.to(device)
         x_t = scheduler.add_noise(x0, noise, t)
         cond = text_encoder(ids).last_hidden_state
         pred = unet(x_t, t, cond).sample
@@ -159,7 +163,7 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
         keep = None
         if keep_mask_fn is not None:
             with torch.no_grad():
-                uncond = text_encoder(empty_ids[None].expand(batch_size, -1)).last_hidden_state
+                uncond = text_encoder(empty_ids[None].expand(batch_size, -1).to(device)).last_hidden_state
                 keep = keep_mask_fn(unet, x_t, t, cond.detach(), uncond).float()
             loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
         else:
@@ -221,7 +225,7 @@ def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = Fals
     from memfree.testbed.bundle import attach_ground_truth
     from memfree.sampling import from_uint8
     from memfree.testbed.probe import accuracy, save_probe, train_probe
-    from memfree.testbed.render import all_compositions, render
+    from memfree.testbed.render import all_compositions, render, style_of
 
     root = attach_ground_truth(Path(model_dir), Path(data_dir))
     manifest = json.loads((root / "manifest.json").read_text())
@@ -229,10 +233,11 @@ def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = Fals
     held_keys = {json.dumps(h, sort_keys=True) for h in held}
     seen = [c for c in all_compositions() if json.dumps(c, sort_keys=True) not in held_keys]
     t0 = time.perf_counter()
-    probe = train_probe(seen, size=manifest["size"], seed=manifest["seed"], quiet=quiet)
+    style = style_of(manifest)
+    probe = train_probe(seen, size=manifest["size"], seed=manifest["seed"], quiet=quiet, style=style)
     rng = np.random.default_rng(manifest["seed"] + 7)
     truth = held * 4
-    acc = accuracy(probe.predict(from_uint8(np.stack([render(a, rng, manifest["size"]) for a in truth]))), truth)
+    acc = accuracy(probe.predict(from_uint8(np.stack([render(a, rng, manifest["size"], style) for a in truth]))), truth)
     info = {"probe_accuracy": acc["mean"], "probe_accuracy_all_attributes": acc["all"],
             "probe_train_seconds": round(time.perf_counter() - t0, 1),
             "probe_trained_on": "fresh renders of the training compositions only"}
