@@ -359,6 +359,20 @@ def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter
     click.echo(f"model in {model_dir}; probe accuracy on held-out renders {info['probe_accuracy']:.3f}")
 
 
+@testbed.command("separation")
+@click.option("--data", "data_dir", required=True, help="Folder written by `memfree testbed data`.")
+@click.option("--json", "json_out", default=None, metavar="OUT", help="Also write the result here.")
+def testbed_separation(data_dir, json_out):
+    """How far a perfect model's first-step score could separate planted from ordinary prompts."""
+    from memfree.testbed.separation import prior_limit_separation
+    res = prior_limit_separation(data_dir)
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=2))
+    for k, v in res["auc"].items():
+        click.echo(f"{k:12s} AUC {v:.3f}   median distance {res['median_distance'][k]:.1f} "
+                   f"(ordinary {res['median_distance']['ordinary']:.1f}, max {res['max_distance']['ordinary']:.1f})")
+
+
 @testbed.command("report")
 @model_option
 @click.option("--seeds", default=4, show_default=True, help="Seeds per prompt (0..N-1).")

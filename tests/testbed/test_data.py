@@ -62,3 +62,38 @@ def test_deterministic_by_seed(testbed_data, tmp_path):
     build_dataset(tmp_path / "again", seed=0)
     images2, m2 = load_dataset(tmp_path / "again")
     assert np.array_equal(images, images2) and m == m2
+
+
+def test_v3_style_changes_the_drawing_only(testbed_data, testbed_data_v3):
+    """v3 keeps every caption, id and evaluation set of v2; its ordinary images move the data mean
+    less (smaller shapes, greyer backgrounds), its planted photos are contrast-stretched, and fresh
+    renders of prompts still do not pass for memorized copies."""
+    from memfree.sampling import from_uint8
+    from memfree.similarity import PixelIndex
+    from memfree.testbed.render import STYLES, render, style_of
+
+    _, images2, m2 = testbed_data
+    _, images3, m3 = testbed_data_v3
+    assert style_of(m2).name == "v2" and style_of(m3) == STYLES["v3"]
+    assert m3["train"] == m2["train"] and m3["eval"] == m2["eval"] and images3.shape == images2.shape
+    planted = [u["id"] for u in m3["unique"] if u["kind"] in ("verbatim", "image_dup")]
+    stds = images3[planted].reshape(len(planted), -1).std(axis=1) / 255
+    assert abs(np.median(stds) - 0.3) < 0.03 and stds.min() > 0.15  # stretched; clipping trims the brightest
+    ordinary = [u["id"] for u in m3["unique"] if u["kind"] == "ordinary"]
+    def mean_gap(images):  # how far ordinary images sit, on average, from mid-grey
+        return float(np.abs(images[ordinary].astype(float) / 255 - 0.5).mean())
+    assert mean_gap(images3) < mean_gap(images2)
+    rng = np.random.default_rng(5)
+    held = [render(a, rng, 32, STYLES["v3"]) for a in m3["heldout_compositions"]]
+    assert PixelIndex(images3).search(from_uint8(np.stack(held))).memorized.float().mean() <= 0.03
+
+
+def test_v3_separates_planted_from_ordinary_prompts_at_the_prior_limit(testbed_data, testbed_data_v3):
+    """The design goal of v3: a perfect model's first-step score can tell planted photos from ordinary
+    prompts (v2 could not: its ordinary captions pull as far from the data mean as a photo)."""
+    from memfree.testbed.separation import prior_limit_separation
+    v2 = prior_limit_separation(testbed_data[0], renders=16)
+    v3 = prior_limit_separation(testbed_data_v3[0], renders=16)
+    assert v2["auc"]["verbatim"] < 0.75 and v2["auc"]["image_dup"] < 0.75
+    assert v3["auc"]["verbatim"] > 0.97 and v3["auc"]["image_dup"] > 0.97
+    assert v3["median_distance"]["ordinary"] < v2["median_distance"]["ordinary"]
