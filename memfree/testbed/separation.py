@@ -14,13 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from memfree.bench.detect import roc_auc
 from memfree.testbed.data import load_dataset
 from memfree.testbed.render import render, style_of
-
-
-def _auc(pos: list[float], neg: list[float]) -> float:
-    p, n = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
-    return float((p > n).mean() + 0.5 * (p == n).mean())
 
 
 def prior_limit_separation(data_dir: str | Path, renders: int = 48, seed: int = 0) -> dict:
@@ -45,5 +41,5 @@ def prior_limit_separation(data_dir: str | Path, renders: int = 48, seed: int = 
     out = {"style": style.name, "median_distance": {k: float(np.median(v)) for k, v in dist.items()},
            "min_distance": {k: float(np.min(v)) for k, v in dist.items()},
            "max_distance": {k: float(np.max(v)) for k, v in dist.items()}}
-    out["auc"] = {k: _auc(dist[k], dist["ordinary"]) for k in ("verbatim", "image_dup", "caption_dup")}
+    out["auc"] = {k: roc_auc(dist[k], dist["ordinary"]) for k in ("verbatim", "image_dup", "caption_dup")}
     return out
