@@ -8,6 +8,7 @@ import click
 
 from memfree.mitigate import METHODS
 from memfree.model import SCHEDULERS, ModelError
+from memfree.testbed.render import STYLES
 
 
 def _load(model: str | None, scheduler: str = "ddim"):
@@ -323,7 +324,7 @@ def testbed() -> None:
 @testbed.command("data")
 @click.option("--out", required=True, help="Folder for images.npz and manifest.json.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--style", default="v2", show_default=True, type=click.Choice(["v2", "v3"]),
+@click.option("--style", default="v2", show_default=True, type=click.Choice(list(STYLES)),
               help="Drawing constants (memfree.testbed.render.STYLES); v2 made the bundled model.")
 def testbed_data(out, seed, style):
     """Write the testbed data set with planted memorization and its ground truth."""
