@@ -344,15 +344,21 @@ def testbed_data(out, seed, style):
 @click.option("--filter-threshold", type=float, default=None,
               help="Training-time mitigation: drop samples whose ‖ε_c − ε_u‖₂ is at or above this from the loss.")
 @click.option("--device", default="cpu", show_default=True, help="Where the training steps run: cpu or cuda.")
+@click.option("--guidance", type=float, default=2.0, show_default=True,
+              help="CFG scale the exported model samples with by default (written to memfree.json).")
+@click.option("--token-init-std", type=float, default=1.0, show_default=True,
+              help="Init scale of the text encoder's token embeddings (0.02, CLIP's, made the bundled v2 model).")
 @quiet_option
-def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter_threshold, device, quiet):
+def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter_threshold, device, guidance,
+                  token_init_std, quiet):
     """Train (or resume) the testbed model, then attach its ground truth and alignment probe."""
     from functools import partial
     from memfree.mitigate import keep_mask
     from memfree.testbed.train import finish_model, train
     keep = None if filter_threshold is None else partial(keep_mask, threshold=filter_threshold)
     model_dir = train(data_dir, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
-                      stop_after=stop_after, keep_mask_fn=keep, device=device)
+                      stop_after=stop_after, keep_mask_fn=keep, device=device, guidance_scale=guidance,
+                      token_init_std=token_init_std)
     if model_dir is None:
         click.echo(f"stopped with a checkpoint in {out}; run again to resume")
         return

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from memfree.sampling import from_uint8
 from memfree.testbed.data import load_dataset
 from memfree.tokenizer import build_clip_tokenizer
 
@@ -42,13 +43,22 @@ def make_unet(size: int = 32) -> UNet2DConditionModel:
     )
 
 
-def make_text_encoder() -> CLIPTextModel:
-    """A small CLIP text transformer over the real 49,408-token CLIP vocabulary."""
-    return CLIPTextModel(CLIPTextConfig(
+def make_text_encoder(token_init_std: float = 1.0) -> CLIPTextModel:
+    """A small CLIP text transformer over the real 49,408-token CLIP vocabulary.
+
+    Token embeddings start at ``token_init_std`` rather than CLIP's 0.02. At 0.02 every word starts
+    nearly the same vector, and a word that only a spatial pathway could use ("left", "top") never
+    became distinct: the bundled v2 model, trained so, ignores position words entirely. At 1.0 words
+    start distinct and the UNet learns placement (measured in the README).
+    """
+    encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=3,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
         pad_token_id=49407, projection_dim=TEXT_DIM,
     ))
+    with torch.no_grad():
+        encoder.embeddings.token_embedding.weight.normal_(std=token_init_std)
+    return encoder
 
 
 def train_scheduler() -> DDPMScheduler:
@@ -74,7 +84,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_size: int = 32,
           lr: float = 1e-3, seed: int = 0, caption_dropout: float = 0.1, ema_decay: float = 0.999,
           checkpoint_every: int = 200, quiet: bool = False, keep_mask_fn=None,
-          stop_after: int | None = None, device: str = "cpu") -> Path | None:
+          stop_after: int | None = None, device: str = "cpu", guidance_scale: float = 2.0,
+          token_init_std: float = 1.0) -> Path | None:
     """Train (or resume) a testbed model into ``out_dir``; returns the exported model directory.
 
     ``keep_mask_fn(unet, x_t, t, cond, uncond) -> bool mask`` optionally filters samples out of the
@@ -82,12 +93,14 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
     ``stop_after`` ends this call after that many steps with a checkpoint (a time-boxed run) and
     returns None; calling again resumes. ``device`` ("cpu", "cuda") is where the steps run; the random
     streams are drawn on the CPU either way, so a run is the same recipe on every device.
+    ``guidance_scale`` is the sampling default written into the model's ``memfree.json``;
+    ``token_init_std`` is the text encoder's token-embedding init (0.02 reproduces the bundled v2 model).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, manifest = load_dataset(data_dir)
     size = manifest["size"]
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    pixels = from_uint8(images).mul(2).sub(1)  # the UNet's range, [-1, 1]
     items = manifest["train"]
     image_ids = torch.tensor([t["image"] for t in items])
 
@@ -101,7 +114,7 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
                           return_tensors="pt").input_ids[0]
 
     torch.manual_seed(seed)
-    unet, text_encoder = make_unet(size), make_text_encoder()
+    unet, text_encoder = make_unet(size), make_text_encoder(token_init_std)
     unet = unet.to(device, memory_format=torch.channels_last)  # about 7% faster convolutions on CPU
     text_encoder = text_encoder.to(device)
     scheduler = train_scheduler()
@@ -138,7 +151,7 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"step": step, "elapsed_s": elapsed, "lr_scheduler": sched.state_dict(),
                                    "log": log, "seed": seed, "steps": steps, "batch_size": batch_size,
-                                   "lr": lr, "data": str(data_dir)}))
+                                   "lr": lr, "token_init_std": token_init_std, "data": str(data_dir)}))
         os.replace(tmp, state_path)
 
     unet.train(), text_encoder.train()
@@ -191,15 +204,16 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
     unet.load_state_dict(ema_unet)
     text_encoder.load_state_dict(ema_text)
     info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "ema_decay": ema_decay,
+            "token_init_std": token_init_std,
             "caption_dropout": caption_dropout, "train_seconds": round(elapsed, 1),
             "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
             if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "torch": torch.__version__, "final_loss": running, "log": log}
-    return export_model(out_dir / "model", unet, text_encoder, tokenizer, manifest, info)
+    return export_model(out_dir / "model", unet, text_encoder, tokenizer, manifest, info, guidance_scale)
 
 
 def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, manifest: dict, info: dict) -> Path:
+                 tokenizer: CLIPTokenizer, manifest: dict, info: dict, guidance_scale: float = 2.0) -> Path:
     """Save a diffusers-layout directory (weights in fp16 safetensors to keep the package small)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     unet.to(torch.float16).save_pretrained(model_dir / "unet", safe_serialization=True)
@@ -215,7 +229,7 @@ def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIP
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": [None, None]}, indent=2))
     (model_dir / "memfree.json").write_text(json.dumps({
-        "kind": "testbed", "resolution": manifest["size"], "num_inference_steps": 50, "guidance_scale": 5.0,
+        "kind": "testbed", "resolution": manifest["size"], "num_inference_steps": 50, "guidance_scale": guidance_scale,
         "training": info}, indent=2))
     return model_dir
 
@@ -223,7 +237,6 @@ def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIP
 def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = False) -> dict:
     """Attach the data set's ground truth and a freshly trained alignment probe to a testbed model."""
     from memfree.testbed.bundle import attach_ground_truth
-    from memfree.sampling import from_uint8
     from memfree.testbed.probe import accuracy, save_probe, train_probe
     from memfree.testbed.render import all_compositions, render, style_of
 

@@ -16,12 +16,13 @@ def test_interrupted_run_resumes_bit_for_bit(testbed_data, tmp_path):
     kw = dict(steps=4, batch_size=4, checkpoint_every=100, quiet=True)
     straight = train(data, tmp_path / "a", **kw)
     assert train(data, tmp_path / "b", stop_after=2, **kw) is None   # stopped early, checkpointed
-    resumed = train(data, tmp_path / "b", **kw)
+    resumed = train(data, tmp_path / "b", guidance_scale=3.5, **kw)
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     model = memfree.load(resumed)                                     # pixel-space, no VAE
     assert model.vae is None and model.latent_shape == (3, 32, 32)
+    assert model.guidance_scale == 3.5 and memfree.load(straight).guidance_scale == 2.0
     out = sample(model, ["a small red circle at the left on a gray background"], seeds=[0],
                  num_inference_steps=2, progress=False)
     assert out.images.shape == (1, 3, 32, 32)
