@@ -366,6 +366,19 @@ def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter
     click.echo(f"model in {model_dir}; probe accuracy on held-out renders {info['probe_accuracy']:.3f}")
 
 
+@testbed.command("export")
+@click.option("--run", "run_dir", required=True, help="Run folder of `memfree testbed train` (running or stopped).")
+@click.option("--out", default=None, help="Model folder (default: RUN/model-stepN).")
+@quiet_option
+def testbed_export(run_dir, out, quiet):
+    """Export the EMA weights of a run's latest checkpoint as a model, with ground truth and probe."""
+    from memfree.testbed.train import export_checkpoint, finish_model
+    model_dir = export_checkpoint(run_dir, out)
+    data_dir = json.loads((Path(run_dir) / "train_state.json").read_text())["data"]
+    info = finish_model(model_dir, data_dir, quiet=quiet)
+    click.echo(f"model in {model_dir}; probe accuracy on held-out renders {info['probe_accuracy']:.3f}")
+
+
 @testbed.command("separation")
 @click.option("--data", "data_dir", required=True, help="Folder written by `memfree testbed data`.")
 @click.option("--json", "json_out", default=None, metavar="OUT", help="Also write the result here.")
@@ -401,6 +414,7 @@ def testbed_report(model_path, seeds, steps, scheduler, json_out, quiet):
     for k, v in rep.items():
         if isinstance(v, float):
             click.echo(f"{k:40s} {v:.3f}")
+    click.echo(f"{'word_influence':40s} " + ", ".join(f"{a} {x:.2f}" for a, x in rep["word_influence"].items()))
 
 
 @cli.group("index", cls=FriendlyGroup)

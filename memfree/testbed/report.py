@@ -71,6 +71,40 @@ def probe_accuracy(tb: Testbed, seed: int = 12345) -> dict[str, float]:
             "heldout_render_memorization_rate": float(obedient.memorized.float().mean())}
 
 
+def word_influence(model: Model, compositions: list[dict[str, str]], style=None, timesteps=(250, 500, 750),
+                   seed: int = 0) -> dict[str, float]:
+    """How much each attribute's word moves the model's noise prediction, per attribute.
+
+    For every composition, its caption and the caption with one attribute swapped for another value
+    see the same noised render; the mean ‖ε(x_t, c) − ε(x_t, c')‖₂ says whether the model uses that
+    word at all. A word near zero is one the model ignores (v2's position words), whatever sampling
+    luck says.
+    """
+    from memfree.testbed.render import ATTRIBUTES, STYLES, caption
+    style = style or STYLES["v2"]
+    rng = np.random.default_rng(seed)
+    size = model.latent_shape[-1]
+    x0 = from_uint8(np.stack([render(a, rng, size, style) for a in compositions])).mul(2).sub(1)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g)
+    out = {}
+    with torch.no_grad():
+        for attr, values in ATTRIBUTES.items():
+            swapped = [dict(a, **{attr: values[(values.index(a[attr]) + 1 + int(rng.integers(len(values) - 1)))
+                                                % len(values)]}) for a in compositions]
+            c = model.encode([caption(a) for a in compositions])
+            c2 = model.encode([caption(a) for a in swapped])
+            diffs = []
+            for t in timesteps:
+                tt = torch.full((len(x0),), t)
+                x_t = model.scheduler.add_noise(x0, noise, tt).to(model.device, model.dtype)
+                e = model.unet(x_t, tt.to(model.device), c).sample.float()
+                e2 = model.unet(x_t, tt.to(model.device), c2).sample.float()
+                diffs.append((e - e2).flatten(1).norm(dim=1))
+            out[attr] = float(torch.cat(diffs).mean())
+    return out
+
+
 def testbed_report(model: Model, seeds: tuple[int, ...] = (0, 1, 2, 3), num_inference_steps: int | None = None,
                    batch_size: int = 64, progress: bool = True, keep_images: bool = False) -> dict:
     """The acceptance figures of the testbed as a flat JSON-ready dict (plus per-set details)."""
@@ -81,6 +115,7 @@ def testbed_report(model: Model, seeds: tuple[int, ...] = (0, 1, 2, 3), num_infe
         sets[name] = evaluate_set(model, tb, entries, list(seeds), num_inference_steps=num_inference_steps,
                                   batch_size=batch_size, progress=progress)
     probe = probe_accuracy(tb)
+    influence = word_influence(model, tb.manifest["heldout_compositions"][:40], style_of(tb.manifest))
     report = {
         "model": str(model.path), "seeds_per_prompt": len(seeds),
         "sampler": {"scheduler": type(model.scheduler).__name__,
@@ -101,6 +136,7 @@ def testbed_report(model: Model, seeds: tuple[int, ...] = (0, 1, 2, 3), num_infe
         "probe_accuracy_on_data": probe["on_data"],
         "probe_accuracy_on_heldout_renders": probe["on_heldout_renders"],
         "heldout_render_memorization_rate": probe["heldout_render_memorization_rate"],
+        "word_influence": influence,
         "seconds": round(time.perf_counter() - t0, 1),
         "sets": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in sets.items()},
     }

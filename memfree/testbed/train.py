@@ -151,7 +151,8 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
         tmp = state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"step": step, "elapsed_s": elapsed, "lr_scheduler": sched.state_dict(),
                                    "log": log, "seed": seed, "steps": steps, "batch_size": batch_size,
-                                   "lr": lr, "token_init_std": token_init_std, "data": str(data_dir)}))
+                                   "lr": lr, "token_init_std": token_init_std, "guidance_scale": guidance_scale,
+                                   "data": str(data_dir)}))
         os.replace(tmp, state_path)
 
     unet.train(), text_encoder.train()
@@ -210,6 +211,28 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
             if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "torch": torch.__version__, "final_loss": running, "log": log}
     return export_model(out_dir / "model", unet, text_encoder, tokenizer, manifest, info, guidance_scale)
+
+
+def export_checkpoint(run_dir: str | Path, model_dir: str | Path | None = None) -> Path:
+    """Export the EMA weights of a run's latest checkpoint as a model, without touching the run.
+
+    For a look at a run that is still going or was stopped: the model says at which step it was
+    taken. The run's LR schedule still decays to its full length, so this is a preview, not the
+    model the finished run exports (for a finished run it is the same weights).
+    """
+    run_dir = Path(run_dir)
+    state = json.loads((run_dir / "train_state.json").read_text())
+    _, manifest = load_dataset(state["data"])
+    tensors = load_file(str(run_dir / "checkpoint.safetensors"))
+    unet, text_encoder = make_unet(manifest["size"]), make_text_encoder()
+    unet.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("ema_unet.")})
+    text_encoder.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("ema_text.")})
+    tokenizer = CLIPTokenizer.from_pretrained(run_dir / "tokenizer_build")
+    info = {k: state[k] for k in ("seed", "steps", "batch_size", "lr") if k in state}
+    info |= {"checkpoint_step": state["step"], "train_seconds": round(state["elapsed_s"], 1), "log": state["log"]}
+    model_dir = Path(model_dir) if model_dir else run_dir / f"model-step{state['step']}"
+    return export_model(model_dir, unet, text_encoder, tokenizer, manifest, info,
+                        state.get("guidance_scale", 2.0))
 
 
 def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,

@@ -55,3 +55,13 @@ def test_it_copies_planted_photos_and_not_held_out_prompts(bundled):
     assert verbatim["copy_rate"] >= 0.5
     assert heldout["memorization_rate"] <= 0.1
     assert verbatim["first_step_score_mean"] > heldout["first_step_score_mean"]
+
+
+def test_word_influence_shows_the_bundled_model_ignores_position_words(bundled):
+    """Swapping a colour word moves ε a lot; swapping a position word barely at all (README, Measured)."""
+    from memfree.testbed.report import word_influence
+    model, tb = bundled
+    influence = word_influence(model, tb.manifest["heldout_compositions"][:16])
+    assert set(influence) == {"shape", "colour", "position", "background", "size"}
+    assert influence["colour"] > 1.0 and influence["background"] > 1.0
+    assert influence["position"] < 0.1 * influence["colour"]

@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 
 import memfree
 from memfree.sampling import sample
-from memfree.testbed.train import make_unet, train
+from memfree.testbed.train import export_checkpoint, make_unet, train
 
 
 def _weights(model_dir):
@@ -19,6 +19,10 @@ def test_interrupted_run_resumes_bit_for_bit(testbed_data, tmp_path):
     resumed = train(data, tmp_path / "b", guidance_scale=3.5, **kw)
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The checkpoint of the finished run exports the very weights the run exported.
+    c = _weights(export_checkpoint(tmp_path / "b"))
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert (tmp_path / "b" / "model-step4" / "memfree.json").exists()
 
     model = memfree.load(resumed)                                     # pixel-space, no VAE
     assert model.vae is None and model.latent_shape == (3, 32, 32)
