@@ -47,8 +47,8 @@ def make_text_encoder(token_init_std: float = 1.0) -> CLIPTextModel:
     """A small CLIP text transformer over the real 49,408-token CLIP vocabulary.
 
     Token embeddings start at ``token_init_std`` rather than CLIP's 0.02. At 0.02 every word starts
-    nearly the same vector, and a word that only a spatial pathway could use ("left", "top") never
-    became distinct: the bundled v2 model, trained so, ignores position words entirely. At 1.0 words
+    nearly the same vector, and a word the UNet could only use through spatial cross-attention
+    ("left", "top") never became distinct: the bundled v2 model, trained so, ignores position words. At 1.0 words
     start distinct and the UNet learns placement (measured in the README).
     """
     encoder = CLIPTextModel(CLIPTextConfig(
