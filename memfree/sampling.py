@@ -66,6 +66,11 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
 
 
+def from_uint8_signed(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) to float (N, 3, H, W) in [-1, 1], the range a pixel-space UNet sees."""
+    return from_uint8(images).mul(2).sub(1)
+
+
 def initial_noise(model: Model, seeds: Sequence[int]) -> torch.Tensor:
     """Unscaled Gaussian x_T, one independent CPU generator per seed so an image depends on its seed only."""
     shape = model.latent_shape

@@ -16,7 +16,7 @@ import torch
 
 from memfree.mitigate import training_scores
 from memfree.model import Model
-from memfree.sampling import from_uint8
+from memfree.sampling import from_uint8_signed
 from memfree.testbed.bundle import load_testbed
 from memfree.testbed.train import train_scheduler
 
@@ -26,7 +26,7 @@ def filter_rates(model: Model, thresholds=(1.0, 2.0, 3.0, 4.0, 6.0), samples: in
     """Score ``samples`` random training samples of a testbed model; keep rates per kind and τ."""
     tb = load_testbed(model)
     items = tb.manifest["train"]
-    pixels = from_uint8(tb.images).mul(2).sub(1)  # the UNet's range, as in training
+    pixels = from_uint8_signed(tb.images)
     sched = train_scheduler()
     g = torch.Generator().manual_seed(seed)
     pick = torch.randint(0, len(items), (samples,), generator=g)

@@ -12,12 +12,11 @@ import numpy as np
 import torch
 
 from memfree.model import Model
-from memfree.sampling import sample
+from memfree.sampling import from_uint8, from_uint8_signed, sample
 from memfree.similarity import NL2_THRESHOLD
 from memfree.testbed.bundle import Testbed, load_testbed
-from memfree.sampling import from_uint8
 from memfree.testbed.probe import accuracy
-from memfree.testbed.render import render, style_of
+from memfree.testbed.render import ATTRIBUTES, STYLES, caption, render, style_of
 
 
 def _targets(entry: dict) -> set[int]:
@@ -80,27 +79,23 @@ def word_influence(model: Model, compositions: list[dict[str, str]], style=None,
     word at all. A word near zero is one the model ignores (v2's position words), whatever sampling
     luck says.
     """
-    from memfree.testbed.render import ATTRIBUTES, STYLES, caption
     style = style or STYLES["v2"]
     rng = np.random.default_rng(seed)
     size = model.latent_shape[-1]
-    x0 = from_uint8(np.stack([render(a, rng, size, style) for a in compositions])).mul(2).sub(1)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x0.shape, generator=g)
-    out = {}
+    x0 = from_uint8_signed(np.stack([render(a, rng, size, style) for a in compositions]))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    ts = [torch.full((len(x0),), t) for t in timesteps]
     with torch.no_grad():
+        x_ts = [model.scheduler.add_noise(x0, noise, tt).to(model.device, model.dtype) for tt in ts]
+        c = model.encode([caption(a) for a in compositions])
+        eps = [model.unet(x_t, tt.to(model.device), c).sample.float() for x_t, tt in zip(x_ts, ts)]
+        out = {}
         for attr, values in ATTRIBUTES.items():
             swapped = [dict(a, **{attr: values[(values.index(a[attr]) + 1 + int(rng.integers(len(values) - 1)))
                                                 % len(values)]}) for a in compositions]
-            c = model.encode([caption(a) for a in compositions])
             c2 = model.encode([caption(a) for a in swapped])
-            diffs = []
-            for t in timesteps:
-                tt = torch.full((len(x0),), t)
-                x_t = model.scheduler.add_noise(x0, noise, tt).to(model.device, model.dtype)
-                e = model.unet(x_t, tt.to(model.device), c).sample.float()
-                e2 = model.unet(x_t, tt.to(model.device), c2).sample.float()
-                diffs.append((e - e2).flatten(1).norm(dim=1))
+            diffs = [(e - model.unet(x_t, tt.to(model.device), c2).sample.float()).flatten(1).norm(dim=1)
+                     for x_t, tt, e in zip(x_ts, ts, eps)]
             out[attr] = float(torch.cat(diffs).mean())
     return out
 

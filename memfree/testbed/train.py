@@ -22,11 +22,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from memfree.sampling import from_uint8
+from memfree.sampling import from_uint8, from_uint8_signed
 from memfree.testbed.data import load_dataset
 from memfree.tokenizer import build_clip_tokenizer
 
 TEXT_DIM = 64
+GUIDANCE_SCALE = 2.0  # sampling default written to memfree.json (chosen by a sweep, README)
 
 
 def make_unet(size: int = 32) -> UNet2DConditionModel:
@@ -48,8 +49,8 @@ def make_text_encoder(token_init_std: float = 1.0) -> CLIPTextModel:
 
     Token embeddings start at ``token_init_std`` rather than CLIP's 0.02. At 0.02 every word starts
     nearly the same vector, and a word the UNet could only use through spatial cross-attention
-    ("left", "top") never became distinct: the bundled v2 model, trained so, ignores position words. At 1.0 words
-    start distinct and the UNet learns placement (measured in the README).
+    ("left", "top") never became distinct: the bundled v2 model, trained so, ignores position words.
+    At 1.0 words start distinct and the UNet learns placement (measured in the README).
     """
     encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=3,
@@ -81,10 +82,15 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _part(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """One model's state dict out of a checkpoint, whose keys are prefixed ``name.``."""
+    return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+
+
 def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_size: int = 32,
           lr: float = 1e-3, seed: int = 0, caption_dropout: float = 0.1, ema_decay: float = 0.999,
           checkpoint_every: int = 200, quiet: bool = False, keep_mask_fn=None,
-          stop_after: int | None = None, device: str = "cpu", guidance_scale: float = 2.0,
+          stop_after: int | None = None, device: str = "cpu", guidance_scale: float = GUIDANCE_SCALE,
           token_init_std: float = 1.0) -> Path | None:
     """Train (or resume) a testbed model into ``out_dir``; returns the exported model directory.
 
@@ -100,7 +106,7 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
     out_dir.mkdir(parents=True, exist_ok=True)
     images, manifest = load_dataset(data_dir)
     size = manifest["size"]
-    pixels = from_uint8(images).mul(2).sub(1)  # the UNet's range, [-1, 1]
+    pixels = from_uint8_signed(images)
     items = manifest["train"]
     image_ids = torch.tensor([t["image"] for t in items])
 
@@ -131,10 +137,10 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
     if ckpt.exists() and state_path.exists():
         state = json.loads(state_path.read_text())
         tensors = load_file(str(ckpt))
-        unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
-        text_encoder.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
-        ema_unet = {k[9:]: v.to(device) for k, v in tensors.items() if k.startswith("ema_unet.")}
-        ema_text = {k[9:]: v.to(device) for k, v in tensors.items() if k.startswith("ema_text.")}
+        unet.load_state_dict(_part(tensors, "unet"))
+        text_encoder.load_state_dict(_part(tensors, "text"))
+        ema_unet = {k: v.to(device) for k, v in _part(tensors, "ema_unet").items()}
+        ema_text = {k: v.to(device) for k, v in _part(tensors, "ema_text").items()}
         opt_state = torch.load(out_dir / "optimizer.pt", weights_only=True, map_location=device)
         opt.load_state_dict(opt_state)
         sched.load_state_dict(state["lr_scheduler"])
@@ -225,18 +231,18 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path | None = None) 
     _, manifest = load_dataset(state["data"])
     tensors = load_file(str(run_dir / "checkpoint.safetensors"))
     unet, text_encoder = make_unet(manifest["size"]), make_text_encoder()
-    unet.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("ema_unet.")})
-    text_encoder.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("ema_text.")})
+    unet.load_state_dict(_part(tensors, "ema_unet"))
+    text_encoder.load_state_dict(_part(tensors, "ema_text"))
     tokenizer = CLIPTokenizer.from_pretrained(run_dir / "tokenizer_build")
     info = {k: state[k] for k in ("seed", "steps", "batch_size", "lr") if k in state}
     info |= {"checkpoint_step": state["step"], "train_seconds": round(state["elapsed_s"], 1), "log": state["log"]}
     model_dir = Path(model_dir) if model_dir else run_dir / f"model-step{state['step']}"
     return export_model(model_dir, unet, text_encoder, tokenizer, manifest, info,
-                        state.get("guidance_scale", 2.0))
+                        state.get("guidance_scale", GUIDANCE_SCALE))
 
 
 def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, manifest: dict, info: dict, guidance_scale: float = 2.0) -> Path:
+                 tokenizer: CLIPTokenizer, manifest: dict, info: dict, guidance_scale: float = GUIDANCE_SCALE) -> Path:
     """Save a diffusers-layout directory (weights in fp16 safetensors to keep the package small)."""
     model_dir.mkdir(parents=True, exist_ok=True)
     unet.to(torch.float16).save_pretrained(model_dir / "unet", safe_serialization=True)
