@@ -324,8 +324,8 @@ def testbed() -> None:
 @testbed.command("data")
 @click.option("--out", required=True, help="Folder for images.npz and manifest.json.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--style", default="v2", show_default=True, type=click.Choice(list(STYLES)),
-              help="Drawing constants (memfree.testbed.render.STYLES); v2 made the bundled model.")
+@click.option("--style", default="v3", show_default=True, type=click.Choice(list(STYLES)),
+              help="Drawing constants (memfree.testbed.render.STYLES); v3 made the bundled model, v2 the one before.")
 def testbed_data(out, seed, style):
     """Write the testbed data set with planted memorization and its ground truth."""
     from memfree.testbed.data import build_dataset
@@ -347,7 +347,7 @@ def testbed_data(out, seed, style):
 @click.option("--guidance", type=float, default=2.0, show_default=True,
               help="CFG scale the exported model samples with by default (written to memfree.json).")
 @click.option("--token-init-std", type=float, default=1.0, show_default=True,
-              help="Init scale of the text encoder's token embeddings (0.02, CLIP's, made the bundled v2 model).")
+              help="Init scale of the text encoder's token embeddings (0.02, CLIP's, made the earlier v2 model; 1.0 the bundled one).")
 @quiet_option
 def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter_threshold, device, guidance,
                   token_init_std, quiet):

@@ -130,20 +130,23 @@ def prompt_sets(tb, n_negative: int = 100) -> tuple[dict[str, list[str]], dict[s
 
 
 def deletion_eval(model: Model, prompts: list[str], threshold: float, seed: int = 0) -> dict:
-    """Explanation by deletion: the top word against a random word, and top-1/top-2 under the threshold."""
+    """Explanation by deletion: the top word against a random *other* word, and top-1/top-2 under the
+    threshold. The random word is drawn from the words other than the top one: when it is the top
+    word itself the two deletions are the same and the comparison says nothing."""
     rng = random.Random(seed)
     wins, flips, rows = 0, 0, []
     prompts = [p for p in prompts if len(p.split()) >= 3]  # deleting two words must leave a prompt
     for p in prompts:
         ex = explain(model, p)
         order = ex.top_words(2)
-        random_word = rng.randrange(len(ex.words))
+        random_word = rng.choice([i for i in range(len(ex.words)) if i != order[0]])
         s_top = float(score_prompts(model, [without_words(p, order[:1])], progress=False).mean())
         s_rand = float(score_prompts(model, [without_words(p, [random_word])], progress=False).mean())
         s_top2 = float(score_prompts(model, [without_words(p, order)], progress=False).mean())
         wins += s_top < s_rand
         flips += min(s_top, s_top2) < threshold
         rows.append({"prompt": p, "score": ex.score, "top_words": [ex.words[i] for i in order],
+                     "random_word": ex.words[random_word],
                      "without_top1": s_top, "without_random": s_rand, "without_top2": s_top2})
     n = max(len(prompts), 1)
     return {"prompts": len(prompts), "deletion_top1_win_rate": wins / n,

@@ -100,7 +100,7 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
     returns None; calling again resumes. ``device`` ("cpu", "cuda") is where the steps run; the random
     streams are drawn on the CPU either way, so a run is the same recipe on every device.
     ``guidance_scale`` is the sampling default written into the model's ``memfree.json``;
-    ``token_init_std`` is the text encoder's token-embedding init (0.02 reproduces the bundled v2 model).
+    ``token_init_std`` is the text encoder's token-embedding init (0.02 reproduces the earlier v2 model).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

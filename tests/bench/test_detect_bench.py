@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import memfree
-from memfree.bench.detect import (attention_entropy_scores, carlini_scores, norm_alignment_scores, roc_auc,
-                                  tiled_l2, tpr_at_fpr)
+from memfree.bench.detect import (attention_entropy_scores, carlini_scores, deletion_eval, norm_alignment_scores,
+                                  roc_auc, tiled_l2, tpr_at_fpr)
 
 
 def test_auc_and_tpr():
@@ -42,3 +42,16 @@ def test_attention_entropy_and_norm_alignment_on_tiny_sd(tiny_sd_path):
     assert torch.equal(a.images, b.images)
     na = norm_alignment_scores(model, prompts)
     assert na.shape == (2,) and np.all(na >= 0)
+
+
+def test_deletion_compares_the_top_word_with_a_different_word(tiny_sd_path):
+    """The random word is never the top word (that comparison would be a tie), and the rates count
+    what the rows say."""
+    model = memfree.load(tiny_sd_path)
+    prompts = ["a photo of a cat", "red car", "a dog on the grass at noon", "two birds in a tree"]
+    res = deletion_eval(model, prompts, threshold=1e9)
+    assert res["prompts"] == 3                                   # "red car" is too short to lose two words
+    for r in res["rows"]:
+        assert r["random_word"] != r["top_words"][0] or r["prompt"].split().count(r["random_word"]) > 1
+    assert res["deletion_top1_win_rate"] == sum(r["without_top1"] < r["without_random"] for r in res["rows"]) / 3
+    assert res["deletion_top2_flip_rate"] == 1.0                 # everything is under an infinite threshold

@@ -52,16 +52,19 @@ def test_it_copies_planted_photos_and_not_held_out_prompts(bundled):
     model, tb = bundled
     verbatim = evaluate_set(model, tb, tb.eval_sets["verbatim"], [0], progress=False)
     heldout = evaluate_set(model, tb, tb.eval_sets["heldout"][:25], [0], progress=False)
-    assert verbatim["copy_rate"] >= 0.5
+    assert verbatim["copy_rate"] >= 0.9
     assert heldout["memorization_rate"] <= 0.1
     assert verbatim["first_step_score_mean"] > heldout["first_step_score_mean"]
 
 
-def test_word_influence_shows_the_bundled_model_ignores_position_words(bundled):
-    """Swapping a colour word moves ε a lot; swapping a position word barely at all (README, Measured)."""
+def test_word_influence_shows_the_bundled_model_reads_every_attribute_word(bundled):
+    """Swapping any attribute's word moves ε, position included: the bundled model was trained with
+    token embeddings initialised at 1.0; at CLIP's 0.02 position stayed at 0.1 against colour's 3.3
+    (README, "Position words")."""
+    from memfree.testbed.render import style_of
     from memfree.testbed.report import word_influence
     model, tb = bundled
-    influence = word_influence(model, tb.manifest["heldout_compositions"][:16])
+    influence = word_influence(model, tb.manifest["heldout_compositions"][:16], style_of(tb.manifest))
     assert set(influence) == {"shape", "colour", "position", "background", "size"}
-    assert influence["colour"] > 1.0 and influence["background"] > 1.0
-    assert influence["position"] < 0.1 * influence["colour"]
+    assert min(influence.values()) > 1.0
+    assert influence["position"] > 0.2 * influence["colour"]
