@@ -49,8 +49,8 @@ def make_text_encoder(token_init_std: float = 1.0) -> CLIPTextModel:
 
     Token embeddings start at ``token_init_std`` rather than CLIP's 0.02. At 0.02 every word starts
     nearly the same vector, and a word the UNet could only use through spatial cross-attention
-    ("left", "top") never became distinct: the bundled v2 model, trained so, ignores position words.
-    At 1.0 words start distinct and the UNet learns placement (measured in the README).
+    ("left", "top") never became distinct: the earlier v2 model, trained so, ignores position words.
+    At 1.0 words start distinct and the UNet learns placement; the bundled model was trained so (README).
     """
     encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=49408, hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=3,
