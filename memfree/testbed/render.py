@@ -31,10 +31,10 @@ ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS), "position": tuple(POSIT
 class Style:
     """The drawing constants of one version of the testbed data; captions are the same in every style.
 
-    ``v2`` made the earlier model, ``v3`` the bundled one. ``v3`` draws smaller shapes on backgrounds pulled halfway to grey,
-    spreads the positions further apart and contrast-stretches the planted photographs, so that an
-    ordinary caption moves the expected image less from the data mean than a memorized photo does:
-    the property Wen et al.'s first-step score relies on in Stable Diffusion.
+    ``v2`` made the earlier model, ``v3`` the bundled one. ``v3`` draws smaller shapes on backgrounds
+    pulled halfway to grey, spreads the positions further apart and contrast-stretches the planted
+    photographs, so that an ordinary caption moves the expected image less from the data mean than a
+    memorized photo does: the property Wen et al.'s first-step score relies on in Stable Diffusion.
     """
     name: str
     sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.16, "large": 0.27})  # half-width / side

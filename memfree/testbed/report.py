@@ -16,7 +16,7 @@ from memfree.sampling import from_uint8, from_uint8_signed, sample
 from memfree.similarity import NL2_THRESHOLD
 from memfree.testbed.bundle import Testbed, load_testbed
 from memfree.testbed.probe import accuracy
-from memfree.testbed.render import ATTRIBUTES, STYLES, caption, render, style_of
+from memfree.testbed.render import ATTRIBUTES, Style, caption, render, style_of
 
 
 def _targets(entry: dict) -> set[int]:
@@ -70,16 +70,16 @@ def probe_accuracy(tb: Testbed, seed: int = 12345) -> dict[str, float]:
             "heldout_render_memorization_rate": float(obedient.memorized.float().mean())}
 
 
-def word_influence(model: Model, compositions: list[dict[str, str]], style=None, timesteps=(250, 500, 750),
-                   seed: int = 0) -> dict[str, float]:
+def word_influence(model: Model, compositions: list[dict[str, str]], style: Style,
+                   timesteps=(250, 500, 750), seed: int = 0) -> dict[str, float]:
     """How much each attribute's word moves the model's noise prediction, per attribute.
 
     For every composition, its caption and the caption with one attribute swapped for another value
     see the same noised render; the mean ‖ε(x_t, c) − ε(x_t, c')‖₂ says whether the model uses that
     word at all. A word near zero is one the model ignores, whatever sampling luck says (position
-    words in the models trained with token init 0.02).
+    words in the models trained with token init 0.02). ``style`` is the one the model's data was drawn
+    in (``style_of(manifest)``), so the renders look like its training images.
     """
-    style = style or STYLES["v2"]
     rng = np.random.default_rng(seed)
     size = model.latent_shape[-1]
     x0 = from_uint8_signed(np.stack([render(a, rng, size, style) for a in compositions]))
