@@ -187,18 +187,21 @@ def detect(prompts, prompts_file, column, model_path, steps, generations, seed, 
 @click.option("--steps", default=1, show_default=True)
 @click.option("--generations", default=1, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--method", type=click.Choice(["occlusion", "gradient"]), default="occlusion", show_default=True,
+              help="occlusion: score drop when the word is deleted; gradient: Wen et al.'s embedding gradient.")
 @click.option("--json", "as_json", is_flag=True)
-def explain(prompt, model_path, steps, generations, seed, as_json):
+def explain(prompt, model_path, steps, generations, seed, method, as_json):
     """Per-word significance for memorization; the terminal colours words by significance."""
     from memfree.explain import explain as run
-    res = run(_load(model_path), prompt, steps=steps, generations=generations, seed=seed)
+    res = run(_load(model_path), prompt, steps=steps, generations=generations, seed=seed, method=method)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
         return
-    top = max(res.significance) if res.significance else 1.0
-    colours = ["bright_black", "white", "yellow", "bright_red"]
-    words = [click.style(w, fg=colours[min(3, int(4 * s / (top + 1e-12)))], bold=s == top)
-             for w, s in zip(res.words, res.significance)]
+    top = max(max(res.significance, default=0.0), 1e-12)
+    colours = ["bright_black", "white", "yellow", "bright_red"]  # occlusion can be negative: grey
+    lead = set(res.top_words(2))
+    words = [click.style(w, fg=colours[max(0, min(3, int(4 * s / top)))], bold=i in lead)
+             for i, (w, s) in enumerate(zip(res.words, res.significance))]
     click.echo(" ".join(words))
     click.echo(f"score {res.score:.4f}; " + ", ".join(f"{w}={s:.3g}" for w, s in zip(res.words, res.significance)))
 

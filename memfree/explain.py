@@ -1,14 +1,22 @@
-"""Explanation (Wen et al.): which words of a prompt drive memorization.
+"""Explanation: which words of a prompt drive memorization.
 
-Significance of token k is ‖∂L/∂e_k‖₂, with L = ‖ε_c − ε_u‖₂ and e_k the k-th row of the text
-encoder's output, averaged over the chosen steps and generations. Gradients are taken along the
-normal classifier-free-guided trajectory (the reference code's loop swaps its halves after the first
-step; we do not). Token significances are summed back into the prompt's words.
+Two methods, both along the normal classifier-free-guided trajectory (the reference code's loop swaps
+its halves after the first step; we do not):
+
+* ``gradient`` (Wen et al.): significance of token k is ‖∂L/∂e_k‖₂, with L = ‖ε_c − ε_u‖₂ and e_k
+  the k-th row of the text encoder's output, averaged over the chosen steps and generations; token
+  significances are summed back into the prompt's words. One UNet forward and backward.
+* ``occlusion``: significance of a word is how much the detection score falls when that word is
+  deleted from the prompt (leave-one-out), so it measures the effect deletion is judged by; a word's
+  value is split evenly over its tokens. The two leading words are then picked greedily (the second
+  is the one whose deletion lowers the score most once the first is gone), because words that
+  trigger memorization overlap: the two largest single drops often name the same cue twice.
+  It costs about two first-step scores per word, in two batches.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,14 +32,17 @@ class Explanation:
     tokens: list[str]
     token_significance: list[float]   # one per prompt token (start, end and padding dropped)
     score: float                      # the detection score along the same trajectory
+    method: str = "gradient"
+    leading: list[int] = field(default_factory=list)  # occlusion: words picked greedily, most telling first
 
     def top_words(self, n: int = 1) -> list[int]:
-        """Indices of the ``n`` most significant words."""
-        order = sorted(range(len(self.words)), key=lambda i: -self.significance[i])
-        return order[:n]
+        """Indices of the ``n`` most significant words (the greedy picks first, when there are any)."""
+        rest = sorted((i for i in range(len(self.words)) if i not in self.leading), key=lambda i: -self.significance[i])
+        return (self.leading + rest)[:n]
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "score": self.score,
+        return {"prompt": self.prompt, "method": self.method, "score": self.score,
+                "top_words": [self.words[i] for i in self.top_words(2)],
                 "words": [{"word": w, "significance": s} for w, s in zip(self.words, self.significance)],
                 "tokens": [{"token": t, "significance": s} for t, s in zip(self.tokens, self.token_significance)]}
 
@@ -59,29 +70,51 @@ def word_spans(prompt: str) -> list[tuple[int, int]]:
     return [m.span() for m in re.finditer(r"\S+", prompt)]
 
 
+METHODS = ("gradient", "occlusion")
+
+
 def explain(model: Model, prompt: str, steps: int = 1, generations: int = 1, seed: int = 0,
-            progress: bool = False) -> Explanation:
-    """Per-word significance of ``prompt`` for the memorization score."""
+            method: str = "occlusion", progress: bool = False) -> Explanation:
+    """Per-word significance of ``prompt`` for the memorization score, by ``gradient`` or ``occlusion``."""
     if not prompt.strip():
         raise ValueError("empty prompt given")
-    probe = TokenGradients(steps)
-    out = sample(model, [prompt] * generations, [seed + g for g in range(generations)], pieces=[probe],
-                 max_steps=steps, progress=progress)
-    sig = torch.stack(probe.grads).mean(dim=(0, 1))  # mean over steps and generations: (L,)
+    if method not in METHODS:
+        raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
     enc = model.tokenizer(prompt, truncation=True, max_length=model.tokenizer.model_max_length,
                           return_offsets_mapping=True)
     n_tok = len(enc.input_ids) - 2                    # drop start and end tokens
     offsets = enc["offset_mapping"][1 : 1 + n_tok]
     tokens = model.tokenizer.convert_ids_to_tokens(enc.input_ids[1 : 1 + n_tok])
-    tok_sig = [float(v) for v in sig[1 : 1 + n_tok]]
     spans = word_spans(prompt)
     words = [prompt[a:b] for a, b in spans]
+    owner = [next((i for i, (a, b) in enumerate(spans) if a <= start < b), None) for start, _ in offsets]
+    if method == "occlusion":
+        def scores(variants: list[str]) -> torch.Tensor:
+            out = sample(model, [v for v in variants for _ in range(generations)],
+                         [seed + g for _ in variants for g in range(generations)], max_steps=steps,
+                         batch_size=64, progress=progress)
+            return out.scores.reshape(len(variants), -1).mean(1)
+        s = scores([prompt] + [without_words(prompt, [i]) for i in range(len(words))])
+        word_sig = [float(s[0] - v) for v in s[1:]]
+        per_word = [owner.count(i) for i in range(len(words))]
+        tok_sig = [word_sig[i] / max(per_word[i], 1) if i is not None else 0.0 for i in owner]
+        first = max(range(len(words)), key=lambda i: word_sig[i])
+        others = [i for i in range(len(words)) if i != first]
+        leading = [first]
+        if others:
+            s2 = scores([without_words(prompt, [first, i]) for i in others])
+            leading.append(others[int(s2.argmin())])
+        return Explanation(prompt=prompt, words=words, significance=word_sig, tokens=tokens,
+                           token_significance=tok_sig, score=float(s[0]), method=method, leading=leading)
+    probe = TokenGradients(steps)
+    out = sample(model, [prompt] * generations, [seed + g for g in range(generations)], pieces=[probe],
+                 max_steps=steps, progress=progress)
+    sig = torch.stack(probe.grads).mean(dim=(0, 1))  # mean over steps and generations: (L,)
+    tok_sig = [float(v) for v in sig[1 : 1 + n_tok]]
     word_sig = [0.0] * len(words)
-    for (start, end), v in zip(offsets, tok_sig):
-        for i, (a, b) in enumerate(spans):
-            if a <= start < b:
-                word_sig[i] += v
-                break
+    for i, v in zip(owner, tok_sig):
+        if i is not None:
+            word_sig[i] += v
     return Explanation(prompt=prompt, words=words, significance=word_sig, tokens=tokens,
                        token_significance=tok_sig, score=float(out.scores.mean()))
 

@@ -129,28 +129,33 @@ def prompt_sets(tb, n_negative: int = 100) -> tuple[dict[str, list[str]], dict[s
     return positives, negatives
 
 
-def deletion_eval(model: Model, prompts: list[str], threshold: float, seed: int = 0) -> dict:
+def deletion_eval(model: Model, prompts: list[str], threshold: float, method: str = "occlusion", seed: int = 0,
+                  generations: int = 1, eval_seed: int = 1000, eval_generations: int = 4) -> dict:
     """Explanation by deletion: the top word against a random *other* word, and top-1/top-2 under the
     threshold. The random word is drawn from the words other than the top one: when it is the top
-    word itself the two deletions are the same and the comparison says nothing."""
+    word itself the two deletions are the same and the comparison says nothing. The explanation
+    sees the noise of ``seed``; the deletions are scored on other noise (``eval_generations`` draws
+    from ``eval_seed``), so an explainer that measures deletions itself (occlusion) is not graded on
+    the very numbers it ranked by."""
     rng = random.Random(seed)
     wins, flips, rows = 0, 0, []
     prompts = [p for p in prompts if len(p.split()) >= 3]  # deleting two words must leave a prompt
     for p in prompts:
-        ex = explain(model, p)
+        ex = explain(model, p, generations=generations, seed=seed, method=method)
         order = ex.top_words(2)
         random_word = rng.choice([i for i in range(len(ex.words)) if i != order[0]])
-        s_top = float(score_prompts(model, [without_words(p, order[:1])], progress=False).mean())
-        s_rand = float(score_prompts(model, [without_words(p, [random_word])], progress=False).mean())
-        s_top2 = float(score_prompts(model, [without_words(p, order)], progress=False).mean())
+        variants = [p, without_words(p, order[:1]), without_words(p, [random_word]), without_words(p, order)]
+        s_base, s_top, s_rand, s_top2 = (float(v) for v in score_prompts(
+            model, variants, generations=eval_generations, seed=eval_seed, progress=False).mean((1, 2)))
         wins += s_top < s_rand
         flips += min(s_top, s_top2) < threshold
-        rows.append({"prompt": p, "score": ex.score, "top_words": [ex.words[i] for i in order],
+        rows.append({"prompt": p, "score": s_base, "top_words": [ex.words[i] for i in order],
                      "random_word": ex.words[random_word],
                      "without_top1": s_top, "without_random": s_rand, "without_top2": s_top2})
     n = max(len(prompts), 1)
-    return {"prompts": len(prompts), "deletion_top1_win_rate": wins / n,
-            "deletion_top2_flip_rate": flips / n, "threshold": threshold, "rows": rows}
+    return {"method": method, "prompts": len(prompts), "deletion_top1_win_rate": wins / n,
+            "deletion_top2_flip_rate": flips / n, "threshold": threshold, "explain_seed": seed,
+            "explain_generations": generations, "eval_seed": eval_seed, "eval_generations": eval_generations, "rows": rows}
 
 
 def run_bench(model: Model, out_json: str | Path | None = None, plot: str | Path | None = None,
@@ -200,6 +205,7 @@ def run_bench(model: Model, out_json: str | Path | None = None, plot: str | Path
     memorized = [p for p in positives["verbatim"] + positives["caption_dup"]
                  if scores[("wen", 1, 1)][index[p]] > thr]
     result = {"model": str(model.path), "rows": rows, "explain": deletion_eval(model, memorized, thr),
+              "explain_gradient": deletion_eval(model, memorized, thr, method="gradient"),
               "notes": {"seconds_per_prompt": "all-steps rows share one run of the full sampler; the "
                         "one-generation all-steps time is that run's time divided by the generations"}}
     if out_json:
@@ -230,8 +236,10 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['detector']} | {r['steps']} | {r['generations']} | {r['positives']} | {r['auc']:.3f} | "
                      f"{r['tpr_at_1fpr']:.3f} | {r['seconds_per_prompt']:.3f} |")
-    ex = result["explain"]
-    lines.append(f"\nexplain: top-1 deletion beats a random word in {ex['deletion_top1_win_rate']:.0%} of "
-                 f"{ex['prompts']} memorized prompts; top-2 deletion goes under the threshold in "
-                 f"{ex['deletion_top2_flip_rate']:.0%}")
+    for key in ("explain", "explain_gradient"):
+        ex = result.get(key)
+        if ex:
+            lines.append(f"\nexplain ({ex.get('method', 'gradient')}): top-1 deletion beats a random word in "
+                         f"{ex['deletion_top1_win_rate']:.0%} of {ex['prompts']} memorized prompts; top-2 deletion "
+                         f"goes under the threshold in {ex['deletion_top2_flip_rate']:.0%}")
     return "\n".join(lines)

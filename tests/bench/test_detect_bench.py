@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import memfree
+from memfree.detect import score_prompts
 from memfree.bench.detect import (attention_entropy_scores, carlini_scores, deletion_eval, norm_alignment_scores,
                                   roc_auc, tiled_l2, tpr_at_fpr)
 
@@ -55,3 +56,8 @@ def test_deletion_compares_the_top_word_with_a_different_word(tiny_sd_path):
         assert r["random_word"] != r["top_words"][0] or r["prompt"].split().count(r["random_word"]) > 1
     assert res["deletion_top1_win_rate"] == sum(r["without_top1"] < r["without_random"] for r in res["rows"]) / 3
     assert res["deletion_top2_flip_rate"] == 1.0                 # everything is under an infinite threshold
+    # deletions are scored on noise the explainer never saw: four draws from seed 1000
+    r = res["rows"][0]
+    held = score_prompts(model, [r["prompt"]], generations=4, seed=1000, progress=False).mean()
+    assert r["score"] == pytest.approx(held, rel=1e-5)
+    assert r["score"] != pytest.approx(score_prompts(model, [r["prompt"]], progress=False).mean(), rel=1e-3)
