@@ -91,6 +91,8 @@ def demo(model_path, out, seed, scheduler, quiet):
 @click.option("--amg-always", is_flag=True, default=None, help="AMG ablation: guide at every step, ignoring the gate.")
 @click.option("--amg-k", type=int, default=None, help="AMG: neighbours averaged in nL2 (pixel indexes).")
 @click.option("--amg-alpha", type=float, default=None, help="AMG: α of nL2.")
+@click.option("--amg-grid", type=int, default=None,
+              help="AMG: the dissimilarity step keeps the mean of each cell of a GRID×GRID split (0: off).")
 @click.option("--seed", default=0, show_default=True, help="Image i of a request uses seed + i.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the model's).")
 @click.option("--guidance", type=float, default=None, help="CFG scale (default: the model's).")
@@ -99,7 +101,8 @@ def demo(model_path, out, seed, scheduler, quiet):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @quiet_option
 def generate(prompts, prompts_file, model_path, mitigation, target, index_dir, amg_c1, amg_c2, amg_c3, amg_lambda,
-             amg_terms, amg_check_every, amg_screen, amg_watch, amg_always, amg_k, amg_alpha, seed, steps, guidance, scheduler, out, as_json, quiet):
+             amg_terms, amg_check_every, amg_screen, amg_watch, amg_always, amg_k, amg_alpha, amg_grid, seed, steps,
+             guidance, scheduler, out, as_json, quiet):
     """Generate images with an optional mitigation; report the detection score before and after, and
     the nearest training image when the model is a testbed."""
     from PIL import Image
@@ -116,7 +119,7 @@ def generate(prompts, prompts_file, model_path, mitigation, target, index_dir, a
         from memfree.testbed.bundle import load_testbed
         index = load_testbed(model).index
     amg = {"c1": amg_c1, "c2": amg_c2, "c3": amg_c3, "check_every": amg_check_every, "screen": amg_screen,
-           "watch": amg_watch, "always_on": amg_always, "k": amg_k, "alpha": amg_alpha}
+           "watch": amg_watch, "always_on": amg_always, "k": amg_k, "alpha": amg_alpha, "grid": amg_grid}
     if amg_lambda is not None:
         try:
             amg["lam_lo"], amg["lam_hi"] = (float(v) for v in amg_lambda.split(","))

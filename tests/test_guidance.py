@@ -63,6 +63,10 @@ def test_gate_rises_toward_t0_and_variants_change_what_they_name():
         config_for("amg-bogus", "l2")
     with pytest.raises(ValueError, match="unknown AMG parameter"):
         config_for("amg", "l2", c4=1.0)
+    assert config_for("amg", "l2").grid == 1 and config_for("amg", "cosine").grid == 0
+    assert config_for("amg", "l2", grid=0).grid == 0
+    with pytest.raises(ValueError, match="grid"):
+        config_for("amg", "l2", grid=-1)
 
 
 def test_amg_on_the_testbed_stops_copies_and_leaves_ordinary_prompts_alone(testbed):
@@ -185,3 +189,22 @@ def test_cli_generate_amg_reports_terms_and_refuses_a_model_without_index(tiny_s
     res = runner.invoke(cli, ["generate", "a red square", "--mitigation", "amg", "--amg-lambda", "1",
                               "--steps", "2", "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code != 0 and "LO,HI" in res.output
+
+
+def test_grid_keeps_the_dissimilarity_step_free_of_colour_casts(testbed):
+    """With ``grid=1`` the change AMG makes to ε̂ has zero mean in every channel (no global colour
+    shift); without it the step does shift the channel means."""
+    model, _, index = testbed
+    prompt = testbed[1].eval_sets["verbatim"][0]["prompt"]
+
+    def change(grid: int) -> torch.Tensor:
+        seen = []
+        record = lambda s: seen.append(s.eps.clone())
+        piece = AMG(index, AMGConfig(terms=("sim",), always_on=True, check_every=1, grid=grid))
+        sample(model, [prompt], 0, pieces=[record, piece, record], progress=False, max_steps=3)
+        return torch.stack([seen[i + 1] - seen[i] for i in range(0, len(seen), 2)])  # (steps, B, C, H, W)
+
+    flat, free = change(0), change(1)
+    assert free.abs().amax() > 0
+    assert free.mean(dim=(-2, -1)).abs().amax() < 1e-4 * free.abs().amax()
+    assert flat.mean(dim=(-2, -1)).abs().amax() > 1e-2 * flat.abs().amax()
