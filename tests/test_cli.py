@@ -1,6 +1,8 @@
 """The command line: clear one-line errors for bad input, and working commands on a real-layout model."""
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from memfree.cli import cli
@@ -34,3 +36,21 @@ def test_generate_and_detect_json(tmp_path, tiny_sd_path):
     assert r.exit_code == 0, r.output
     det = json.loads(r.output)[0]
     assert det["prompt"] == "a cat" and det["score"] > 0 and len(det["per_step"]) == 1
+
+
+def test_explain_json_matches_the_api_for_both_methods(tiny_sd_path):
+    import memfree
+    from memfree.explain import explain
+    model = memfree.load(tiny_sd_path)
+    runner = CliRunner()
+    for method in ("occlusion", "gradient"):
+        r = runner.invoke(cli, ["explain", "a dog on the grass", "--model", str(tiny_sd_path), "--method", method,
+                                "--json"])
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.output)
+        ref = explain(model, "a dog on the grass", method=method)
+        assert out["method"] == method and [w["word"] for w in out["words"]] == ["a", "dog", "on", "the", "grass"]
+        assert [w["significance"] for w in out["words"]] == [pytest.approx(v, rel=1e-5, abs=1e-7) for v in ref.significance]
+        assert out["top_words"] == [ref.words[i] for i in ref.top_words(2)]
+    r = runner.invoke(cli, ["explain", "a dog", "--model", str(tiny_sd_path), "--method", "saliency"])
+    assert r.exit_code == 2 and "saliency" in r.output
