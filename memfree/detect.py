@@ -65,11 +65,19 @@ def score_prompts(model: Model, prompts: Sequence[str], steps: int = 1, generati
     total = model.num_inference_steps
     if steps > total:
         raise ValueError(f"steps={steps} exceeds the sampler's {total} steps")
+    return trajectory_scores(model, prompts, steps, generations, seed, batch_size, progress)
+
+
+def trajectory_scores(model: Model, prompts: Sequence[str], steps: int = 1, generations: int = 1, seed: int = 0,
+                      batch_size: int = 32, progress: bool = True) -> np.ndarray:
+    """:func:`score_prompts` without its checks on the input, for callers that build prompts
+    themselves (an explainer's deletions may leave the empty prompt, whose score is 0)."""
+    prompts = list(prompts)
     expanded = [p for p in prompts for _ in range(generations)]
     seeds = [seed + g for _ in prompts for g in range(generations)]
-    out = sample(model, expanded, seeds, num_inference_steps=total, batch_size=batch_size,
+    out = sample(model, expanded, seeds, num_inference_steps=model.num_inference_steps, batch_size=batch_size,
                  progress=progress, max_steps=steps)
-    return out.scores.numpy().reshape(len(prompts), generations, steps)
+    return out.scores.numpy().reshape(len(prompts), generations, -1)
 
 
 def detect(model: Model, prompts: Sequence[str], steps: int = 1, generations: int = 1, seed: int = 0,

@@ -18,8 +18,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from memfree.detect import trajectory_scores
 from memfree.model import Model
 from memfree.sampling import StepState, _to_eps, sample
 
@@ -89,11 +91,8 @@ def explain(model: Model, prompt: str, steps: int = 1, generations: int = 1, see
     words = [prompt[a:b] for a, b in spans]
     owner = [next((i for i, (a, b) in enumerate(spans) if a <= start < b), None) for start, _ in offsets]
     if method == "occlusion":
-        def scores(variants: list[str]) -> torch.Tensor:
-            out = sample(model, [v for v in variants for _ in range(generations)],
-                         [seed + g for _ in variants for g in range(generations)], max_steps=steps,
-                         batch_size=64, progress=progress)
-            return out.scores.reshape(len(variants), -1).mean(1)
+        def scores(variants: list[str]) -> np.ndarray:
+            return trajectory_scores(model, variants, steps, generations, seed, 64, progress).mean((1, 2))
         s = scores([prompt] + [without_words(prompt, [i]) for i in range(len(words))])
         word_sig = [float(s[0] - v) for v in s[1:]]
         per_word = [owner.count(i) for i in range(len(words))]
@@ -103,7 +102,7 @@ def explain(model: Model, prompt: str, steps: int = 1, generations: int = 1, see
         leading = [first]
         if others:
             s2 = scores([without_words(prompt, [first, i]) for i in others])
-            leading.append(others[int(s2.argmin())])
+            leading.append(others[int(np.argmin(s2))])
         return Explanation(prompt=prompt, words=words, significance=word_sig, tokens=tokens,
                            token_significance=tok_sig, score=float(s[0]), method=method, leading=leading)
     probe = TokenGradients(steps)
