@@ -332,10 +332,14 @@ def testbed() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--style", default="v3", show_default=True, type=click.Choice(list(STYLES)),
               help="Drawing constants (memfree.testbed.render.STYLES); v3 made the bundled model, v2 the one before.")
-def testbed_data(out, seed, style):
+@click.option("--ordinary", "n_ordinary", default=2400, show_default=True,
+              help="Ordinary training images; past two renders per composition, extra renders are drawn at random.")
+@click.option("--repeats", default=50, show_default=True,
+              help="Copies of each planted image (verbatim), captions per face (image_dup), images per template (caption_dup).")
+def testbed_data(out, seed, style, n_ordinary, repeats):
     """Write the testbed data set with planted memorization and its ground truth."""
     from memfree.testbed.data import build_dataset
-    m = build_dataset(out, seed=seed, style=style)
+    m = build_dataset(out, seed=seed, style=style, n_ordinary=n_ordinary, repeats=repeats)
     click.echo(json.dumps(m["counts"]))
 
 

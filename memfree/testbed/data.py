@@ -100,6 +100,20 @@ def template_image(group: int, digit: np.ndarray, rng: np.random.Generator, size
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
 
 
+def render_counts(n_compositions: int, n_ordinary: int, rng: np.random.Generator) -> list[int]:
+    """How many times each training composition is rendered, ``n_ordinary`` renders in all.
+
+    Every composition once; up to two each the extras go to distinct compositions (the v2/v3 data),
+    past that they are drawn with replacement, so some compositions are still rendered only once and
+    the seen-once evaluation set stays available.
+    """
+    if n_ordinary < n_compositions:
+        raise ValueError(f"n_ordinary={n_ordinary} is below the {n_compositions} training compositions")
+    extra = n_ordinary - n_compositions
+    extras = Counter(rng.choice(n_compositions, size=extra, replace=extra > n_compositions).tolist())
+    return [1 + extras[i] for i in range(n_compositions)]
+
+
 def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary: int = 2400,
                   heldout_fraction: float = 0.1, repeats: int = 50, n_verbatim: int = 20,
                   n_image_dup: int = 10, n_caption_dup: int = 10, n_eval: int = 50, style: str = "v2") -> dict:
@@ -123,17 +137,14 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
         unique.append({"id": len(unique), **info})
         return len(unique) - 1
 
-    # Ordinary part: novel compositions held out, every other composition rendered once or twice.
+    # Ordinary part: novel compositions held out, every other composition rendered at least once.
     combos = all_compositions()
     order = rng.permutation(len(combos))
     n_held = int(round(heldout_fraction * len(combos)))
     held = [combos[i] for i in order[:n_held]]
     seen = [combos[i] for i in order[n_held:]]
-    if n_ordinary < len(seen):
-        raise ValueError(f"n_ordinary={n_ordinary} is below the {len(seen)} training compositions")
-    twice = set(rng.choice(len(seen), size=n_ordinary - len(seen), replace=False).tolist())
-    for i, attrs in enumerate(seen):
-        for _ in range(2 if i in twice else 1):
+    for attrs, n in zip(seen, render_counts(len(seen), n_ordinary, rng)):
+        for _ in range(n):
             idx = add_image(render(attrs, rng, size, look), kind="ordinary", attrs=attrs)
             train.append({"image": idx, "caption": caption(attrs), "kind": "ordinary"})
 

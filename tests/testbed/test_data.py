@@ -4,6 +4,7 @@ from collections import Counter, defaultdict
 from importlib import resources
 
 import numpy as np
+import pytest
 
 from memfree.testbed.data import build_dataset, load_dataset
 
@@ -97,3 +98,17 @@ def test_v3_separates_planted_from_ordinary_prompts_at_the_prior_limit(testbed_d
     assert v2["auc"]["verbatim"] < 0.75 and v2["auc"]["image_dup"] < 0.75
     assert v3["auc"]["verbatim"] > 0.97 and v3["auc"]["image_dup"] > 0.97
     assert v3["median_distance"]["ordinary"] < v2["median_distance"]["ordinary"]
+
+
+def test_render_counts_keep_every_composition_and_some_seen_once():
+    """Up to two renders each the extras go to distinct compositions (the v3 data); past that they are
+    drawn with replacement, and some compositions stay at one render so the seen-once set exists."""
+    from memfree.testbed.data import render_counts
+
+    few = render_counts(1440, 2400, np.random.default_rng(0))
+    assert sum(few) == 2400 and set(few) == {1, 2} and few.count(2) == 960
+    many = render_counts(1440, 5760, np.random.default_rng(0))
+    assert sum(many) == 5760 and min(many) == 1 and max(many) > 4
+    assert 0.02 < many.count(1) / 1440 < 0.1   # about e^-3 of them: Poisson(3) extras
+    with pytest.raises(ValueError, match="below the 1440"):
+        render_counts(1440, 1000, np.random.default_rng(0))
