@@ -1,17 +1,19 @@
 """How often the bundled model copies a planted image from the empty prompt (no text at all).
 
-Usage: python reports/v3tok/uncond_copies.py > reports/v3tok/uncond-copies.json
+Usage: python reports/v3tok/uncond_copies.py [MODEL] > reports/v3tok/uncond-copies.json
+(MODEL defaults to the bundled testbed.)
 A copy here cannot be undone by anything that edits the prompt or its embedding (wen and the
 Somepalli baselines): it is the floor for text-side mitigations on this testbed.
 """
 import json
+import sys
 from collections import Counter
 
 import memfree
 from memfree.sampling import sample
 from memfree.testbed.bundle import load_testbed
 
-model = memfree.load()
+model = memfree.load(sys.argv[1] if len(sys.argv) > 1 else None)
 tb = load_testbed(model)
 result = {}
 for name, seeds in (("seeds 0-19", list(range(20))), ("seeds 0-199", list(range(200)))):
