@@ -5,7 +5,7 @@ import sys
 import numpy as np
 from PIL import Image
 import memfree
-from memfree.sampling import sample
+from memfree.sampling import sample, to_uint8
 from memfree.similarity import PixelIndex
 from memfree.testbed.data import load_dataset
 model = memfree.load(sys.argv[1])
@@ -15,7 +15,5 @@ ev = m["eval"]["verbatim"][:10]
 out = sample(model, [e["prompt"] for e in ev], list(range(10)), progress=False)
 nn = index.search(out.images)
 print("nl2", [round(float(v), 2) for v in nn.nl2], "nearest is own", [int(i) == e["image"] for i, e in zip(nn.ids, ev)])
-gen = out.images if isinstance(out.images, np.ndarray) else np.asarray(out.images)
-g = ((out.images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy() if out.images.min() < 0 else (out.images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-rows = [np.concatenate([gi, images[e["image"]]], 0) for gi, e in zip(g, ev)]
+rows = [np.concatenate([gi, images[e["image"]]], 0) for gi, e in zip(to_uint8(out.images), ev)]
 Image.fromarray(np.concatenate(rows, 1)).resize((320 * 2, 64 * 2), Image.NEAREST).save(sys.argv[3])
