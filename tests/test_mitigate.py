@@ -108,6 +108,10 @@ def test_keep_mask_keeps_exactly_the_samples_under_the_threshold(model):
     mask = keep_mask(model.unet, x, t, cond, uncond, tau)
     assert mask.tolist() == (norms < tau).tolist()
     assert 0 < int(mask.sum()) < 4
+    with torch.no_grad():             # the training loop hands in its own conditional prediction
+        eps_cond = model.unet(x, t, cond).sample
+    assert keep_mask(model.unet, x, t, cond, uncond, tau, eps_cond=eps_cond).tolist() == mask.tolist()
+    assert keep_mask(model.unet, x, t, cond, uncond, tau, eps_cond=eps_cond + 1.0).tolist() != mask.tolist()
 
 
 def test_first_step_scores_match_detection(model):

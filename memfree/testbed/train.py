@@ -94,8 +94,9 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
           token_init_std: float = 1.0) -> Path | None:
     """Train (or resume) a testbed model into ``out_dir``; returns the exported model directory.
 
-    ``keep_mask_fn(unet, x_t, t, cond, uncond) -> bool mask`` optionally filters samples out of the
-    loss (training-time mitigation); filtered batches with no survivor skip the optimiser step.
+    ``keep_mask_fn(unet, x_t, t, cond, uncond, eps_cond=pred) -> bool mask`` optionally filters samples
+    out of the loss (training-time mitigation); it is handed the step's own conditional prediction so
+    that only the unconditional half costs an extra call. A batch with no survivor skips the optimiser step.
     ``stop_after`` ends this call after that many steps with a checkpoint (a time-boxed run) and
     returns None; calling again resumes. ``device`` ("cpu", "cuda") is where the steps run; the random
     streams are drawn on the CPU either way, so a run is the same recipe on every device.
@@ -184,7 +185,7 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
         if keep_mask_fn is not None:
             with torch.no_grad():
                 uncond = text_encoder(empty_ids[None].expand(batch_size, -1).to(device)).last_hidden_state
-                keep = keep_mask_fn(unet, x_t, t, cond.detach(), uncond).float()
+                keep = keep_mask_fn(unet, x_t, t, cond.detach(), uncond, eps_cond=pred.detach()).float()
             loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
         else:
             loss = per_sample.mean()

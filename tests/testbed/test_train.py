@@ -37,8 +37,9 @@ def test_filter_that_keeps_nothing_leaves_weights_untouched(testbed_data, tmp_pa
     kw = dict(steps=3, batch_size=4, quiet=True)
     calls = []
 
-    def keep_none(unet, x_t, t, cond, uncond):
+    def keep_none(unet, x_t, t, cond, uncond, eps_cond):
         calls.append(len(x_t))
+        assert eps_cond.shape == x_t.shape and not eps_cond.requires_grad
         return torch.zeros(len(x_t), dtype=torch.bool)
 
     filtered = train(data, tmp_path / "f", keep_mask_fn=keep_none, **kw)
