@@ -89,7 +89,7 @@ def _part(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor
 
 def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_size: int = 32,
           lr: float = 1e-3, seed: int = 0, caption_dropout: float = 0.1, ema_decay: float = 0.999,
-          checkpoint_every: int = 200, quiet: bool = False, keep_mask_fn=None,
+          checkpoint_every: int = 200, log_every: int = 50, quiet: bool = False, keep_mask_fn=None,
           stop_after: int | None = None, device: str = "cpu", guidance_scale: float = GUIDANCE_SCALE,
           token_init_std: float = 1.0) -> Path | None:
     """Train (or resume) a testbed model into ``out_dir``; returns the exported model directory.
@@ -110,6 +110,9 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
     pixels = from_uint8_signed(images)
     items = manifest["train"]
     image_ids = torch.tensor([t["image"] for t in items])
+    kinds = sorted({t.get("kind", "ordinary") for t in items})
+    kind_ids = torch.tensor([kinds.index(t.get("kind", "ordinary")) for t in items])
+    seen, kept = torch.zeros(len(kinds)), torch.zeros(len(kinds))  # the filter's tally since the last log
 
     tok_dir = out_dir / "tokenizer_build"
     tokenizer = build_clip_tokenizer(tok_dir) if not (tok_dir / "vocab.json").exists() \
@@ -187,6 +190,9 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
                 uncond = text_encoder(empty_ids[None].expand(batch_size, -1).to(device)).last_hidden_state
                 keep = keep_mask_fn(unet, x_t, t, cond.detach(), uncond, eps_cond=pred.detach()).float()
             loss = (per_sample * keep).sum() / keep.sum().clamp(min=1)
+            captioned = kind_ids[pick][~drop]  # a dropped caption scores 0 and is always kept
+            seen += torch.bincount(captioned, minlength=len(kinds))
+            kept += torch.bincount(captioned, weights=keep.cpu()[~drop], minlength=len(kinds))
         else:
             loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
@@ -201,8 +207,11 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
         elapsed += time.perf_counter() - t0
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}")
-        if (step + 1) % 50 == 0:
+        if (step + 1) % log_every == 0:
             log.append({"step": step + 1, "loss": round(running, 5), "elapsed_s": round(elapsed, 1)})
+            if keep_mask_fn is not None:  # share of each kind's captioned samples the filter kept
+                log[-1]["kept"] = {k: round(float(kept[i] / seen[i]), 3) for i, k in enumerate(kinds) if seen[i]}
+                seen.zero_(), kept.zero_()
         stopping = stop_after is not None and step + 1 - start >= stop_after and step + 1 < steps
         if stopping or (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             checkpoint(step + 1)

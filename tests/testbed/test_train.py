@@ -1,4 +1,6 @@
 """Training resumes exactly where it stopped, exports a loadable model, and honours the sample filter."""
+import json
+
 import torch
 from safetensors.torch import load_file
 
@@ -34,7 +36,7 @@ def test_interrupted_run_resumes_bit_for_bit(testbed_data, tmp_path):
 
 def test_filter_that_keeps_nothing_leaves_weights_untouched(testbed_data, tmp_path):
     data, _, _ = testbed_data
-    kw = dict(steps=3, batch_size=4, quiet=True)
+    kw = dict(steps=3, batch_size=4, log_every=3, quiet=True)
     calls = []
 
     def keep_none(unet, x_t, t, cond, uncond, eps_cond):
@@ -44,6 +46,9 @@ def test_filter_that_keeps_nothing_leaves_weights_untouched(testbed_data, tmp_pa
 
     filtered = train(data, tmp_path / "f", keep_mask_fn=keep_none, **kw)
     assert calls == [4, 4, 4]
+    log = json.loads((tmp_path / "f" / "train_state.json").read_text())["log"]
+    kinds = {t["kind"] for t in json.loads((data / "manifest.json").read_text())["train"]}
+    assert log[-1]["kept"] and set(log[-1]["kept"]) <= kinds and set(log[-1]["kept"].values()) == {0.0}
     torch.manual_seed(0)  # train() seeds the same way before building the UNet
     init = {k: v.to(torch.float16) for k, v in make_unet(32).state_dict().items()}
     got = _weights(filtered)
