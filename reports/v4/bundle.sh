@@ -1,6 +1,7 @@
 #!/bin/sh
 # Ship a testbed model as the bundled one, then measure it in full into OUT (about 2 h on 2 CPU
-# cores; each step resumes or is cheap to rerun, so an interrupted run can be started again).
+# cores; `bench mitigate` resumes from its JSON and the shipping step is skipped once done, so an
+# interrupted run can be started again).
 # Usage: sh reports/v4/bundle.sh [MODEL] [CALIBRATION_PROMPTS] [OUT]   (from the repository root;
 # MODEL must be calibrated already, as reports/v4/assess.sh does)
 set -e
