@@ -68,12 +68,14 @@ def train_scheduler() -> DDPMScheduler:
 
 
 def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·weights, in one fused call (a per-tensor loop is launch-bound on a GPU)."""
     with torch.no_grad():
-        for name, p in model.state_dict().items():
-            if p.dtype.is_floating_point:
-                ema[name].mul_(decay).add_(p, alpha=1 - decay)
-            else:
-                ema[name].copy_(p)
+        state = model.state_dict()
+        floats = [k for k, p in state.items() if p.dtype.is_floating_point]
+        torch._foreach_lerp_([ema[k] for k in floats], [state[k] for k in floats], 1 - decay)
+        for k, p in state.items():
+            if not p.dtype.is_floating_point:
+                ema[k].copy_(p)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
