@@ -1,6 +1,6 @@
 """The bundled testbed model: it loads through the common path with its ground truth, its probe reads
 real testbed images, its shipped detection threshold is the one calibrated on its ordinary prompts,
-and it really copies its planted photographs while held-out prompts stay original.
+and it really copies its planted photographs while held-out prompts and the empty prompt stay original.
 
 The full figures come from `memfree testbed report` (README); the test checks one seed of them."""
 from pathlib import Path
@@ -68,3 +68,15 @@ def test_word_influence_shows_the_bundled_model_reads_every_attribute_word(bundl
     assert set(influence) == {"shape", "colour", "position", "background", "size"}
     assert min(influence.values()) > 1.0
     assert influence["position"] > 0.2 * influence["colour"]
+
+
+def test_empty_prompt_does_not_copy_planted_images(bundled):
+    """The unconditional model must not copy: a copy from the empty prompt is a floor that no
+    prompt-side mitigation can go under. v3tok, with 34% planted duplicates, copied in 33% of
+    seeds; the bundled v5 (9%) in 3 of 200 and in none of seeds 0-19 (reports/v5/uncond-copies.json)."""
+    from memfree.sampling import sample
+    model, tb = bundled
+    out = sample(model, [""] * 20, list(range(20)), progress=False)
+    nn = tb.index.search(out.images)
+    planted = [tb.manifest["unique"][int(i)]["kind"] != "ordinary" for i, m in zip(nn.ids, nn.memorized) if m]
+    assert sum(planted) <= 1
