@@ -117,7 +117,8 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
     seen, kept = torch.zeros(len(kinds)), torch.zeros(len(kinds))  # the filter's tally since the last log
 
     tok_dir = out_dir / "tokenizer_build"
-    tokenizer = build_clip_tokenizer(tok_dir) if not (tok_dir / "vocab.json").exists() \
+    # A saved tokenizer (written last by the build, or copied in from a model) is reused as it is.
+    tokenizer = build_clip_tokenizer(tok_dir) if not (tok_dir / "tokenizer_config.json").exists() \
         else CLIPTokenizer.from_pretrained(tok_dir)
     enc = tokenizer([t["caption"] for t in items], padding="max_length", truncation=True,
                     max_length=tokenizer.model_max_length, return_tensors="pt")
