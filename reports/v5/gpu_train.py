@@ -2,6 +2,8 @@
 
 Usage (repository root, on the GPU machine):
     python3 reports/v5/gpu_train.py OUT DEADLINE_S TOKENIZER_DIR NAME:DATA[:TAU] ...
+(reports/v5/gpu_prepare.sh says what to carry; DATA and TOKENIZER_DIR can be the bundled model's
+testbed/ and tokenizer/ folders)
 Runs are listed most important first. Each is `memfree.testbed.train.train` on cuda (the recipe of
 `memfree testbed train`, 10,000 steps) in its own process. When the runs' measured pace says the
 last-listed one cannot finish by the deadline, it is stopped so the others keep the GPU. A finished
@@ -66,9 +68,9 @@ def main() -> None:
         run_dir = Path("/tmp/gpu-runs") / name
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.copytree(tok_dir, run_dir / "tokenizer_build", dirs_exist_ok=True)
-        log = open(run_dir / "worker.log", "w")
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", name, data, rest[0] if rest else "",
-                                 str(run_dir)], stdout=log, stderr=subprocess.STDOUT)
+        with open(run_dir / "worker.log", "w") as log:  # the child keeps its own handle
+            proc = subprocess.Popen([sys.executable, __file__, "--worker", name, data, rest[0] if rest else "",
+                                     str(run_dir)], stdout=log, stderr=subprocess.STDOUT)
         runs.append({"name": name, "dir": run_dir, "proc": proc, "state": "running"})
     summary = {"steps": STEPS, "runs": {}}
     while any(r["state"] == "running" for r in runs):
@@ -80,6 +82,7 @@ def main() -> None:
             (step, spent), code = progress(r["dir"]), r["proc"].poll()
             if code is not None:
                 r["state"] = "done" if (r["dir"] / "DONE").exists() else f"failed ({code})"
+                r["ended_s"] = now
                 if r["state"] != "done":
                     print((r["dir"] / "worker.log").read_text()[-3000:], flush=True)
             # finish time from the measured seconds per step (the start-up is not a step)
@@ -92,13 +95,15 @@ def main() -> None:
             victim = live[-1]
             victim["proc"].kill()
             victim["state"] = f"stopped at step {progress(victim['dir'])[0]} to make room"
+            victim["ended_s"] = now
             print(f"stopping {victim['name']}: {victim['state']}", flush=True)
         elif now > deadline + 30:
             for r in live:
                 r["proc"].kill()
                 r["state"] = f"out of time at step {progress(r['dir'])[0]}"
+                r["ended_s"] = now
     for r in runs:
-        info = {"state": r["state"], "wall_s": round(time.time() - t0)}
+        info = {"state": r["state"], "wall_s": round(r.get("ended_s", time.time() - t0))}  # when it ended
         if r["state"] == "done":
             state = json.loads((r["dir"] / "train_state.json").read_text())
             info |= {"train_seconds": state["elapsed_s"], "pieces": pack(r["name"], r["dir"], out, r["dir"] / "model")}
