@@ -31,8 +31,7 @@ def worker(name: str, data: str, tau: str, run_dir: str) -> None:
     from memfree.mitigate import keep_mask
     from memfree.testbed.train import train
     keep = partial(keep_mask, threshold=float(tau)) if tau else None
-    device = "cuda" if os.environ.get("DEVICE", "cuda") == "cuda" else "cpu"
-    train(data, run_dir, steps=STEPS, quiet=True, keep_mask_fn=keep, device=device)
+    train(data, run_dir, steps=STEPS, quiet=True, keep_mask_fn=keep, device=os.environ.get("DEVICE", "cuda"))
     (Path(run_dir) / "DONE").write_text(name)
 
 
@@ -105,8 +104,7 @@ def main() -> None:
     for r in runs:
         info = {"state": r["state"], "wall_s": round(r.get("ended_s", time.time() - t0))}  # when it ended
         if r["state"] == "done":
-            state = json.loads((r["dir"] / "train_state.json").read_text())
-            info |= {"train_seconds": state["elapsed_s"], "pieces": pack(r["name"], r["dir"], out, r["dir"] / "model")}
+            info |= {"train_seconds": progress(r["dir"])[1], "pieces": pack(r["name"], r["dir"], out, r["dir"] / "model")}
         elif r["state"].startswith("out of time") and progress(r["dir"])[0]:  # a preview beats nothing
             from memfree.testbed.train import export_checkpoint
             info["pieces"] = pack(r["name"] + "-preview", r["dir"], out, export_checkpoint(r["dir"]))

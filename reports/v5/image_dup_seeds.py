@@ -5,8 +5,7 @@ import memfree, torch
 from memfree.sampling import sample
 from memfree.testbed.bundle import load_testbed
 model = memfree.load(); tb = load_testbed(model)
-prompts = tb.eval_sets["image_dup"]
-prompts = [p if isinstance(p, str) else p["prompt"] for p in prompts]
+prompts = [e["prompt"] for e in tb.eval_sets["image_dup"]]
 for name, seedf in (("report seeds 0-3", lambda s, i: s), ("bench seeds 1000s+i", lambda s, i: 1000 * s + i)):
     mem = []
     for s in range(4):

@@ -3,8 +3,8 @@
 # Usage: sh reports/v5/unpack.sh PIECES_DIR DATA NAME...   -> runs/v5/NAME/model
 set -e
 P=$1; D=$2; shift 2
+mkdir -p runs/v5
 for N in "$@"; do
-    mkdir -p runs/v5
     cat $P/$N.tar.part* | tar -x -C runs/v5
     # Every run's tokenizer is the same CLIP build; the bundled model's copy is the one export writes.
     cp -r memfree/testbed/model/tokenizer runs/v5/$N/model/tokenizer
