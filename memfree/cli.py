@@ -287,7 +287,7 @@ def bench_filter(model_path, thresholds, samples, seed, json_out):
 @click.option("--json", "json_out", default=None, metavar="OUT")
 @quiet_option
 def bench_overhead(model_path, methods, prompt_set, prompts_file, repeats, json_out, quiet):
-    """Time added by each mitigation over `none`: interleaved repeats, median ratio."""
+    """Time added by each mitigation over `none`: repeats interleaved batch by batch, median ratio."""
     from memfree.bench.overhead import measure_overhead
     model = _load(model_path)
     if prompts_file:
@@ -305,7 +305,8 @@ def bench_overhead(model_path, methods, prompt_set, prompts_file, repeats, json_
         Path(json_out).write_text(json.dumps(res, indent=2))
     for r in res["rows"]:
         click.echo(f"{r['method']:>12}  {r['seconds_per_image']:.3f} s/image  ×{r['overhead_ratio']:.3f} none  "
-                   f"(rounds: {', '.join(f'{x:.3f}' for x in r['ratios'])})")
+                   f"(rounds: {', '.join(f'{x:.3f}' for x in r['ratios'])})  "
+                   f"in pieces {100 * r['piece_share']:.1f}% of none")
 
 
 @bench.command("detect")

@@ -56,6 +56,7 @@ class Generation:
     images: torch.Tensor              # (N, 3, H, W) in [0, 1]
     reports: list[MitigationReport]
     seconds: float
+    piece_seconds: float = 0.0        # of which inside the sampling loop's pieces (AMG's checks and terms)
 
 
 def first_step_scores(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, grad: bool = False,
@@ -236,7 +237,8 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", see
         for i, r in enumerate(reports):
             r.nearest_id, r.nearest_distance = int(nn.ids[i]), float(nn.distance[i])
             r.nl2, r.memorized = float(nn.nl2[i]), bool(nn.memorized[i])
-    return Generation(images=out.images, reports=reports, seconds=time.perf_counter() - t0)
+    return Generation(images=out.images, reports=reports, seconds=time.perf_counter() - t0,
+                      piece_seconds=out.piece_seconds)
 
 
 def default_index(model: Model):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import time
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -54,6 +56,7 @@ class SampleOutput:
     x0: torch.Tensor                          # final sample in model space (latents or pixels)
     scores: torch.Tensor                      # (N, steps) ‖ε_c − ε_u‖₂ per image and step
     timesteps: list[int] = field(default_factory=list)
+    piece_seconds: float = 0.0                # wall time spent inside the pieces (what guidance costs)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -123,6 +126,7 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
 
     sched = model.scheduler
     images, finals, scores = [], [], []
+    piece_seconds = 0.0
     run_steps = steps if max_steps is None else min(steps, max_steps)
     bar = tqdm(total=n * run_steps, desc="sampling", unit="img·step", disable=not progress)
     for lo in range(0, n, batch_size):
@@ -147,8 +151,11 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
                               eps=eps_u + scale * (eps_c - eps_u), alpha_bar=a, cond=cond, uncond=uncond,
                               guidance_scale=scale, indices=idx, model=model)
             batch_scores.append(state.score)
-            for piece in pieces:
-                piece(state)
+            if pieces:
+                t_piece = time.perf_counter()
+                for piece in pieces:
+                    piece(state)
+                piece_seconds += time.perf_counter() - t_piece
             if max_steps is not None and k + 1 >= max_steps:
                 last_x0 = state.x0
                 bar.update(b)
@@ -165,4 +172,4 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
         scores.append(torch.stack(batch_scores, dim=1).cpu())
     bar.close()
     return SampleOutput(images=torch.cat(images) if images else torch.empty(0), x0=torch.cat(finals), scores=torch.cat(scores),
-                        timesteps=[int(t) for t in sched.timesteps])
+                        timesteps=[int(t) for t in sched.timesteps], piece_seconds=piece_seconds)

@@ -62,6 +62,16 @@ def test_pieces_observe_and_adjust(tiny_sd_path):
     assert torch.allclose(a.images, b.images, atol=1e-6)
 
 
+def test_time_inside_pieces_is_reported(tiny_sd_path):
+    import time
+    model = memfree.load(tiny_sd_path)
+    plain = sample(model, ["a cat"], seeds=[0], num_inference_steps=3, progress=False)
+    slow = sample(model, ["a cat"], seeds=[0], num_inference_steps=3, progress=False,
+                  pieces=[lambda s: time.sleep(0.02)])
+    assert plain.piece_seconds == 0.0
+    assert 0.06 <= slow.piece_seconds < 0.06 + 0.5  # three steps of 20 ms, plus scheduling slack
+
+
 def test_v_prediction_is_converted_to_epsilon(tiny_sd_v_path):
     model = memfree.load(tiny_sd_v_path)
     assert model.scheduler.config.prediction_type == "v_prediction"

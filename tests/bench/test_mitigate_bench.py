@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import memfree
 from memfree.bench.mitigate import format_table, frechet_distance, run_bench
@@ -82,8 +83,21 @@ def test_overhead_bench_interleaves_and_takes_ratios_to_none(tiny_sd_path):
     from memfree.bench.overhead import measure_overhead
     model = memfree.load(tiny_sd_path)
     model.defaults["num_inference_steps"] = 2
-    res = measure_overhead(model, ["a cat", "a dog"], ["rna", "none"], repeats=2, progress=False)
+    res = measure_overhead(model, ["a cat", "a dog", "a fox"], ["rna", "none"], repeats=2, chunk=2, progress=False)
     rows = {r["method"]: r for r in res["rows"]}
-    assert list(rows) == ["none", "rna"] and res["repeats"] == 2
+    assert list(rows) == ["none", "rna"] and res["repeats"] == 2 and res["chunk"] == 2
     assert rows["none"]["ratios"] == [1.0, 1.0] and rows["none"]["overhead_ratio"] == 1.0
     assert len(rows["rna"]["ratios"]) == 2 and all(r > 0 for r in rows["rna"]["ratios"])
+    assert rows["none"]["piece_share"] == 0.0 and rows["rna"]["piece_share"] == 0.0  # neither has a piece
+    with pytest.raises(ValueError):
+        measure_overhead(model, [], ["rna"], progress=False)
+
+
+def test_a_chunk_with_its_offset_seed_makes_the_same_images_as_the_whole_request(tiny_sd_path):
+    from memfree.mitigate import generate
+    model = memfree.load(tiny_sd_path)
+    model.defaults["num_inference_steps"] = 2
+    prompts = ["a cat", "a dog", "a fox"]
+    whole = generate(model, prompts, "none", seed=5, progress=False).images
+    tail = generate(model, prompts[1:], "none", seed=6, progress=False).images
+    assert torch.allclose(whole[1:], tail, atol=1e-5)
