@@ -66,6 +66,18 @@ def _features(tb: Testbed, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([tb.probe.features(images[i:i + 256]) for i in range(0, len(images), 256)])
 
 
+def trigger_alignment(tb: Testbed, name: str, owners: list[dict], feats: torch.Tensor) -> list[float]:
+    """Per image of a trigger set: cosine of its probe features to the mean features of the planted
+    images its prompt belongs to (``owners[i]`` is image i's eval entry)."""
+    cos, centres = [], {}
+    for e, f in zip(owners, feats):
+        ids = tuple(_kind_images(tb, name, e))
+        if ids not in centres:
+            centres[ids] = _features(tb, from_uint8(tb.images[list(ids)])).mean(0)
+        cos.append(float(torch.nn.functional.cosine_similarity(f, centres[ids], dim=0)))
+    return cos
+
+
 def evaluate_method(model: Model, tb: Testbed, method: str, name: str, seeds: list[int], **kwargs) -> dict:
     """One row: generate every prompt of a set with every seed under ``method`` and score it."""
     entries = tb.eval_sets[name]
@@ -84,13 +96,7 @@ def evaluate_method(model: Model, tb: Testbed, method: str, name: str, seeds: li
     if name == "heldout":
         alignment = accuracy(tb.probe.predict(images), [e["attrs"] for e in owners])["mean"]
     else:
-        cos, centres = [], {}
-        for e, f in zip(owners, feats):
-            ids = tuple(_kind_images(tb, name, e))
-            if ids not in centres:
-                centres[ids] = _features(tb, from_uint8(tb.images[list(ids)])).mean(0)
-            cos.append(float(torch.nn.functional.cosine_similarity(f, centres[ids], dim=0)))
-        alignment = float(np.mean(cos))
+        alignment = float(np.mean(trigger_alignment(tb, name, owners, feats)))
     ref_ids = sorted({i for e in entries for i in _kind_images(tb, name, e)})
     ref = _features(tb, from_uint8(tb.images[ref_ids])).numpy()
     applied = [r for r in reports if r.applied]

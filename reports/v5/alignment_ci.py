@@ -7,12 +7,10 @@ import json
 import sys
 
 import numpy as np
-import torch
 
 import memfree
-from memfree.bench.mitigate import _features, _kind_images
+from memfree.bench.mitigate import _features, trigger_alignment
 from memfree.mitigate import default_index, generate
-from memfree.sampling import from_uint8
 from memfree.testbed.bundle import load_testbed
 
 name = sys.argv[1] if len(sys.argv) > 1 else "image_dup"
@@ -26,16 +24,10 @@ seeds = (0, 1, 2, 3)
 def per_image(method: str) -> np.ndarray:
     """(seeds, prompts) cosine of each image to its planted group's mean features."""
     out = np.zeros((len(seeds), len(entries)))
-    centres = {}
     for a, s in enumerate(seeds):
         kwargs = {"train_index": index} if method != "none" else {}
         g = generate(model, [e["prompt"] for e in entries], method, seed=s * 1000, progress=False, **kwargs)
-        feats = _features(tb, g.images)
-        for b, (e, f) in enumerate(zip(entries, feats)):
-            ids = tuple(_kind_images(tb, name, e))
-            if ids not in centres:
-                centres[ids] = _features(tb, from_uint8(tb.images[list(ids)])).mean(0)
-            out[a, b] = float(torch.nn.functional.cosine_similarity(f, centres[ids], dim=0))
+        out[a] = trigger_alignment(tb, name, entries, _features(tb, g.images))
     return out
 
 
