@@ -7,10 +7,9 @@ models the loop converts on the way in and out, so pieces never need to know.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
-
-import time
 
 import numpy as np
 import torch
