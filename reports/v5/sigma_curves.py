@@ -16,23 +16,29 @@ model = memfree.load()
 index = default_index(model)
 tb = load_testbed(model)
 curve: dict[int, list] = {}
-original_call = G.AMG.__call__
+last: dict[str, object] = {}
+original_nearest, original_call = G.nearest, G.AMG.__call__
+
+
+def recording_nearest(index, images, k=50, alpha=0.5):
+    """AMG's own check, with its σ kept for the step's record (no second search)."""
+    sig, ids = original_nearest(index, images, k, alpha)
+    last["sigma"] = sig
+    return sig, ids
 
 
 def recording_call(self, s):
-    """Run AMG, then record σ (from the guided ε̂ before AMG's change, as AMG's own check does) and λ."""
+    """Run AMG, then record the σ its check found for each image it checked, and λ."""
     rows = [j for j, i in enumerate(s.indices) if self._due(s.step, i)]
-    eps = s.eps_u + s.guidance_scale * (s.eps_c - s.eps_u)
+    last.clear()
     original_call(self, s)
     if rows:
-        a = s.alpha_bar
-        x0 = (s.x_t[rows] - (1 - a).sqrt() * eps[rows]) / a.sqrt()
-        sig, _ = G.nearest(self.index, G.to_image(model, x0), self.config.k, self.config.alpha)
         lam = self.config.gate(s.t, model.scheduler.config.num_train_timesteps)
         for r, j in enumerate(rows):
-            curve.setdefault(s.indices[j], []).append((s.step, round(float(sig[r]), 4), round(lam, 4)))
+            curve.setdefault(s.indices[j], []).append((s.step, round(float(last["sigma"][r]), 4), round(lam, 4)))
 
 
+G.nearest = recording_nearest
 G.AMG.__call__ = recording_call
 curves, summary = {}, {}
 for name in ["heldout", "verbatim", "image_dup", "caption_dup", "paraphrase"]:

@@ -24,12 +24,12 @@ def side(rep: dict) -> dict:
             **{k: rep[k] for k in keys}}
 
 
-log = json.loads((run / "train_state.json").read_text())["log"]
-kept = [e["kept"] for e in log if "kept" in e]
+state = json.loads((run / "train_state.json").read_text())
+kept = [e["kept"] for e in state["log"] if "kept" in e]
 keep_mean = {k: round(sum(e[k] for e in kept) / len(kept), 3) for k in kept[0]} if kept else {}
 keys = ["verbatim_memorization_rate", "image_dup_memorization_rate", "caption_dup_memorization_rate",
         "paraphrase_memorization_rate", "heldout_memorization_rate", "seen_once_memorization_rate", "heldout_alignment"]
 print(json.dumps({"unfiltered": side(base), "filtered": side(filt),
                   "alignment_change_points": round(100 * (filt["heldout_alignment"] - base["heldout_alignment"]), 1),
-                  "filter_kept_mean_share": keep_mean, "train_seconds": json.loads((run / "train_state.json").read_text())["elapsed_s"]},
+                  "filter_kept_mean_share": keep_mean, "train_seconds": state["elapsed_s"]},
                  indent=2))
