@@ -233,7 +233,7 @@ def bench() -> None:
 @bench.command("mitigate")
 @model_option
 @click.option("--methods", default="none,wen,rta,rna,gni,cwr,amg,amg-strong", show_default=True,
-              help="Comma-separated methods; AMG ablations: amg-no-spe, amg-no-dup, amg-no-sim, amg-always, "
+              help="Comma-separated methods; AMG ablations: amg-all-terms, amg-no-spe, amg-no-dup, amg-no-sim, amg-always, "
                    "amg-const, amg-every, amg-screen.")
 @click.option("--sets", default="verbatim,image_dup,caption_dup,paraphrase,heldout", show_default=True,
               help="Comma-separated prompt sets.")

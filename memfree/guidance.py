@@ -68,22 +68,25 @@ class AMGConfig:
 
 
 # Presets per similarity metric. "l2" values are in units of σ = 1 − nL2/2 (memorized above 0.3),
-# chosen on the testbed by the sweeps in the README; amg's small c1 and c2 come from captions the
-# benchmark does not use (reports/v5/amg_tune.py): at c1 = c2 = 3 the two text-side terms remove
-# nearly all of the testbed's guidance (s0 = 2) and cost image-duplicate prompts alignment for no
-# measured gain. The "cosine" values take c1, c2 and the gate from the paper's SSCD setting; c3 for
-# a latent model could not be tuned here (no SD weights).
+# chosen on the testbed by the sweeps in the README. The "l2" amg uses the dissimilarity term alone:
+# on the testbed the two text-side terms left memorization where it was, cost image-duplicate
+# prompts alignment (measured on captions the benchmark does not use, reports/v5/amg_tune.py) and
+# cost a third UNet branch. `amg-all-terms` is the paper's three-term form for comparison. The
+# "cosine" values take c1, c2 and the gate from the paper's SSCD setting; c3 for a latent model
+# could not be tuned here (no SD weights).
 PRESETS: dict[str, dict[str, AMGConfig]] = {
-    "amg": {"l2": AMGConfig(c1=0.25, c2=0.25, grid=1),
+    "amg": {"l2": AMGConfig(terms=("sim",), grid=1),
             "cosine": AMGConfig(c1=13.0, c2=13.0, c3=200.0, lam_lo=0.3, lam_hi=0.4, watch=0.2)},
     "amg-strong": {"l2": AMGConfig(c3=400.0, lam_lo=0.15, lam_hi=0.2, check_every=2, grid=1),
                    "cosine": AMGConfig(c1=13.0, c2=13.0, c3=400.0, lam_lo=0.2, lam_hi=0.3, watch=0.15,
                                        check_every=2)},
 }
 
-# Ablations of ``amg`` for the benchmark: each term removed, the gate always on, a constant λ, the
-# cheap cadence off (check every step), and the two-stage screen by the first-step detection score.
+# Ablations of ``amg`` for the benchmark: the paper's three terms and each of them removed (at the
+# preset's c1 and c2), the gate always on, a constant λ, the cheap cadence off (check every step),
+# and the two-stage screen by the first-step detection score.
 VARIANTS: dict[str, dict] = {
+    "amg-all-terms": dict(terms=TERMS),
     "amg-no-spe": dict(terms=("dup", "sim")),
     "amg-no-dup": dict(terms=("spe", "sim")),
     "amg-no-sim": dict(terms=("spe", "dup")),

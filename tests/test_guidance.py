@@ -1,6 +1,7 @@
 """Anti-Memorization Guidance: σ agrees with nL2, the gate rises, each term does what it says, the
 cadence and the screen save checks, and on the bundled testbed AMG stops copies without touching
 ordinary prompts."""
+import dataclasses
 import json
 import warnings
 
@@ -55,6 +56,8 @@ def test_gate_rises_toward_t0_and_variants_change_what_they_name():
     const = config_for("amg-const", "l2")
     assert const.gate(1000) == const.gate(0) == cfg.lam_hi
     assert config_for("amg-no-sim", "l2").terms == ("spe", "dup")
+    full = config_for("amg-all-terms", "l2")  # the paper's three terms, otherwise the preset
+    assert full.terms == ("spe", "dup", "sim") and dataclasses.replace(full, terms=cfg.terms) == cfg
     assert config_for("amg-screen", "l2", threshold=0.9).screen == 0.9
     assert config_for("amg", "l2", c3=5.0, terms=["sim"]).c3 == 5.0
     with pytest.raises(ValueError, match="threshold"):
@@ -181,11 +184,15 @@ def test_cli_generate_amg_reports_terms_and_refuses_a_model_without_index(tiny_s
     res = runner.invoke(cli, ["generate", "a castle", "--model", str(tiny_sd_path), "--mitigation", "amg",
                               "--out", str(tmp_path / "o"), "--steps", "2", "--quiet"])
     assert res.exit_code != 0 and "index" in res.output
-    res = runner.invoke(cli, ["generate", "a red square", "--mitigation", "amg", "--amg-lambda", "0,0",
-                              "--steps", "4", "--out", str(tmp_path / "o"), "--json", "--quiet"])
-    assert res.exit_code == 0, res.output
-    report = json.loads(res.output)["images"][0]
-    assert report["applied"] and report["extra"]["amg"]["fired_steps"]["spe"]
+    fired = {}
+    for method in ("amg", "amg-all-terms"):
+        res = runner.invoke(cli, ["generate", "a red square", "--mitigation", method, "--amg-lambda", "0,0",
+                                  "--steps", "4", "--out", str(tmp_path / "o"), "--json", "--quiet"])
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.output)["images"][0]
+        assert report["applied"]
+        fired[method] = {t for t, steps in report["extra"]["amg"]["fired_steps"].items() if steps}
+    assert fired == {"amg": {"sim"}, "amg-all-terms": {"spe", "dup", "sim"}}   # the pixel preset: dissimilarity only
     res = runner.invoke(cli, ["generate", "a red square", "--mitigation", "amg", "--amg-lambda", "1",
                               "--steps", "2", "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code != 0 and "LO,HI" in res.output

@@ -6,8 +6,9 @@ set) with seeds 5000 + i and 6000 + i (the benchmark uses 0-3), so what is tuned
 benchmark measures. Per configuration: memorization (nL2 < 1.4 to any training image), alignment as
 `bench mitigate` scores it, and the paired difference to `none` in points with a bootstrap interval
 over prompts. One JSON line per configuration, with the full resolved configuration, is appended to
-reports/v5/amg-tune.jsonl. Measured 2026-12-01 (the rows there, on the preset of the time, c1 = c2 = 3):
-the preset -2.47 points; c1 = c2 = 0.25 -1.61; no text-side terms -1.51; lower c3 or other grids worse.
+reports/v5/amg-tune.jsonl. Measured 2026-12-01 as overrides on the preset of the time (three terms,
+c1 = c2 = 3): that preset -2.47 points; c1 = c2 = 0.25 -1.61; dissimilarity only -1.51 (the preset
+now); lower c3 or other grids worse. '{}' now means the dissimilarity-only preset.
 Usage: .venv/bin/python reports/v5/amg_tune.py '{"c3": 150}' '{"grid": 0}' ...   ({} is the preset)"""
 import json
 import sys

@@ -6,6 +6,6 @@ MF=.venv/bin/memfree
 R=reports/v5
 $MF bench mitigate --json $R/bench-mitigate.json --plot $R/bench-mitigate.png --table $R/bench-mitigate.md --quiet
 $MF bench detect --json $R/bench-detect.json --plot $R/bench-detect-roc.png --quiet
-$MF bench mitigate --methods none,amg-no-spe,amg-no-dup,amg-no-sim,amg-always,amg-const,amg-every,amg-screen \
+$MF bench mitigate --methods none,amg-all-terms,amg-no-spe,amg-no-dup,amg-no-sim,amg-always,amg-const,amg-every,amg-screen \
     --json $R/bench-mitigate.json --plot $R/bench-mitigate.png --table $R/bench-mitigate.md --quiet
 $MF bench overhead --methods amg,amg-screen,wen --set heldout --repeats 3 --json $R/bench-overhead-heldout.json --quiet
