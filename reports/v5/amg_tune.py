@@ -39,7 +39,7 @@ owners = [{"prompt": p} for p in prompts]
 
 
 def run(method: str, overrides: dict) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(seeds, prompts) alignment and nL2, and the share of images each AMG term fired on."""
+    """(seeds, prompts) alignment and nL2, and the share of images the dissimilarity term fired on."""
     align, nl2, fired = np.zeros((len(SEEDS), len(prompts))), np.zeros((len(SEEDS), len(prompts))), []
     for a, s in enumerate(SEEDS):
         kw = {"train_index": index, "amg": overrides} if method != "none" else {}
