@@ -76,7 +76,10 @@ def demo(model_path, out, seed, scheduler, quiet):
               type=click.Choice(METHODS),
               help="wen: prompt-embedding optimisation (selective); rta/rna/gni/cwr: Somepalli et al.; "
                    "amg*: Anti-Memorization Guidance and its ablations.")
-@click.option("--target", type=float, default=None, help="wen's target score (default: the calibrated threshold).")
+@click.option("--target", type=float, default=None,
+              help="wen's target score (default: the calibrated threshold; wen still acts only on flagged prompts).")
+@click.option("--max-iters", type=click.IntRange(min=1), default=10, show_default=True,
+              help="wen's most optimisation steps per image.")
 @click.option("--index", "index_dir", default=None, metavar="DIR",
               help="Training-set index for AMG (memfree index build; default: the one the model ships).")
 @click.option("--amg-c1", type=float, default=None, help="AMG despecification scale.")
@@ -100,9 +103,9 @@ def demo(model_path, out, seed, scheduler, quiet):
 @click.option("--out", default="memfree-out", show_default=True, help="Folder for PNG files.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @quiet_option
-def generate(prompts, prompts_file, model_path, mitigation, target, index_dir, amg_c1, amg_c2, amg_c3, amg_lambda,
-             amg_terms, amg_check_every, amg_screen, amg_watch, amg_always, amg_k, amg_alpha, amg_grid, seed, steps,
-             guidance, scheduler, out, as_json, quiet):
+def generate(prompts, prompts_file, model_path, mitigation, target, max_iters, index_dir, amg_c1, amg_c2, amg_c3,
+             amg_lambda, amg_terms, amg_check_every, amg_screen, amg_watch, amg_always, amg_k, amg_alpha, amg_grid,
+             seed, steps, guidance, scheduler, out, as_json, quiet):
     """Generate images with an optional mitigation; report the detection score before and after, and
     the nearest training image when the model is a testbed."""
     from PIL import Image
@@ -131,8 +134,8 @@ def generate(prompts, prompts_file, model_path, mitigation, target, index_dir, a
     if index_dir is not None:
         from memfree.index import TrainingIndex
         train_index = TrainingIndex.load(index_dir)
-    res = run(model, prompts, mitigation, seed, target=target, index=index, train_index=train_index,
-              amg=amg, progress=not quiet)
+    res = run(model, prompts, mitigation, seed, target=target, max_iters=max_iters, index=index,
+              train_index=train_index, amg=amg, progress=not quiet)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []

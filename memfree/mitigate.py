@@ -2,8 +2,9 @@
 
 * ``wen`` (Wen et al., ICLR 2024): before sampling, optimise the conditional prompt embedding at x_T
   and the first timestep until the detection score ‖ε_c − ε_u‖₂ falls under a target, then sample
-  from the same x_T. Selective: an image whose first-step score is already under the target keeps
-  its embedding and comes out bit-identical to ``none``.
+  from the same x_T. Selective: an image whose first-step score is under the detection threshold
+  (the detector passes it) keeps its embedding and comes out bit-identical to ``none``, whatever the
+  target; a target under the threshold only pushes flagged prompts further down.
 * Somepalli et al. (NeurIPS 2023) baselines, applied to every prompt: random token addition
   (``rta``), random number addition (``rna``), Gaussian noise on the text embedding (``gni``) and
   caption word repetition (``cwr``).
@@ -163,7 +164,8 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", see
              amg: dict | None = None, batch_size: int = 16, progress: bool = True) -> Generation:
     """Generate one image per prompt (image i from seed + i) with a mitigation, and report on each.
 
-    ``target`` for ``wen`` defaults to the model's calibrated detection threshold. ``index`` (a
+    ``target`` for ``wen`` defaults to the model's calibrated detection threshold; ``wen`` acts only
+    on images at or over both the threshold and the target. ``index`` (a
     :class:`memfree.similarity.PixelIndex`) adds each image's nearest training image and nL2.
     AMG methods search ``train_index`` (a :class:`memfree.index.TrainingIndex`; default: the one
     shipped with the model) and take :class:`memfree.guidance.AMGConfig` overrides from ``amg``.
@@ -189,11 +191,14 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", see
     extra: list[dict] = [{} for _ in prompts]
 
     if mitigation == "wen":
+        threshold = (model.defaults.get("detection") or {}).get("threshold")
         if target is None:
-            target = (model.defaults.get("detection") or {}).get("threshold")
+            target = threshold
             if target is None:
                 raise ValueError("wen needs a target: calibrate the model (memfree calibrate) or pass target=")
-        flagged = [i for i in range(len(prompts)) if before[i] >= target]
+        # Flag by the detector's verdict, optimise down to the target.
+        gate = target if threshold is None else max(target, threshold)
+        flagged = [i for i in range(len(prompts)) if before[i] >= gate]
         for lo in range(0, len(flagged), batch_size):
             ids = flagged[lo:lo + batch_size]
             new, it, last = optimise_embeddings(model, embeds[ids], x_T[ids], target, lr, max_iters, leash)

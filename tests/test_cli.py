@@ -54,3 +54,15 @@ def test_explain_json_matches_the_api_for_both_methods(tiny_sd_path):
         assert out["top_words"] == [ref.words[i] for i in ref.top_words(2)]
     r = runner.invoke(cli, ["explain", "a dog", "--model", str(tiny_sd_path), "--method", "saliency"])
     assert r.exit_code == 2 and "saliency" in r.output
+
+
+def test_generate_passes_wens_target_and_iteration_cap(tmp_path, tiny_sd_path):
+    runner = CliRunner()
+    args = ["generate", "a cat", "a dog", "--model", str(tiny_sd_path), "--steps", "2", "--mitigation", "wen",
+            "--target", "1e-6", "--out", str(tmp_path / "out"), "--json", "--quiet"]
+    r = runner.invoke(cli, args + ["--max-iters", "2"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)["images"]
+    assert [x["applied"] for x in rows] == [True, True] and [x["iterations"] for x in rows] == [2, 2]
+    r = runner.invoke(cli, args + ["--max-iters", "0"])
+    assert r.exit_code == 2 and "--max-iters" in r.output

@@ -48,6 +48,22 @@ def test_wen_brings_flagged_scores_under_target_and_leaves_the_rest_identical(mo
         assert r.final_loss < target and r.score_after == pytest.approx(r.final_loss, rel=1e-3)
 
 
+def test_wen_with_a_target_under_the_threshold_still_leaves_passed_prompts_identical(model):
+    base = generate(model, PROMPTS, "none", seed=3, progress=False)
+    scores = sorted(r.score_before for r in base.reports)
+    model.defaults["detection"] = {"threshold": (scores[0] + scores[1]) / 2}
+    target = scores[0] / 2                         # under every prompt's score, and under the threshold
+    g = generate(model, PROMPTS, "wen", seed=3, target=target, max_iters=3, lr=0.5, progress=False)
+    applied = [r.applied for r in g.reports]
+    assert sum(applied) == 2                       # the prompt under the threshold is left alone
+    for r, b, img_b, img_g in zip(g.reports, base.reports, base.images, g.images):
+        if not r.applied:
+            assert b.score_before == scores[0] and r.iterations == 0
+            assert torch.equal(img_b, img_g)
+        else:
+            assert r.iterations >= 1 and not torch.equal(img_b, img_g)
+
+
 def test_wen_needs_a_target_on_an_uncalibrated_model(model):
     with pytest.raises(ValueError, match="calibrate"):
         generate(model, PROMPTS[:1], "wen", progress=False)
