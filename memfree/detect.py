@@ -93,12 +93,15 @@ def detect(model: Model, prompts: Sequence[str], steps: int = 1, generations: in
 
 
 def threshold_at_fpr(negative_scores: Sequence[float], fpr: float) -> float:
-    """The smallest threshold whose false-positive rate (score > threshold) on negatives is at most ``fpr``."""
+    """The smallest threshold whose false-positive rate (score > threshold) on negatives is at most ``fpr``,
+    raised by 0.01% of itself: the negative it rests on must stay under it on another CPU, whose float32
+    sums differ from the calibrating one's in the sixth digit."""
     s = np.sort(np.asarray(negative_scores, dtype=np.float64))[::-1]
     if not len(s):
         raise ValueError("no negative scores to calibrate on")
     allowed = int(np.floor(fpr * len(s) + 1e-9))  # that many negatives may lie above the threshold
-    return float(s[allowed]) if allowed < len(s) else float(s[-1])
+    edge = float(s[allowed]) if allowed < len(s) else float(s[-1])
+    return edge + 1e-4 * max(abs(edge), 1e-6)
 
 
 def calibrate(model: Model, prompts: Sequence[str], fpr: float = 0.01, steps: int = 1, generations: int = 1,
