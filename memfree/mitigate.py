@@ -78,13 +78,15 @@ def first_step_scores(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, gra
 
 
 def optimise_embeddings(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, target: float,
-                        lr: float = 0.05, max_iters: int = 10, leash: float | None = None
-                        ) -> tuple[torch.Tensor, list[int], list[float]]:
+                        lr: float = 0.05, max_iters: int = 10, leash: float | None = None,
+                        extra_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int], list[float]]:
     """Wen et al.'s inference-time mitigation for a batch: AdamW on every position but the start token.
 
     Each image stops on its own as soon as its score is under ``target``. ``leash`` (α in the paper's
     optional form α·L + (1−α)·mean‖e − e⁰‖) keeps the embedding near the original when given.
-    Returns the new embeddings, iterations taken and the last score per image.
+    ``extra_noise`` (B, n−1, C, H, W) adds starting noises that image's embedding must also pass: its
+    score is then the root mean square over the n noises, as in the reference code's batch of n
+    images that share one embedding. Returns the new embeddings, iterations taken and the last score.
     """
     for p in model.unet.parameters():
         p.requires_grad_(False)
@@ -94,10 +96,15 @@ def optimise_embeddings(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, t
     active = torch.ones(len(embeds), dtype=torch.bool)
     iters = [0] * len(embeds)
     last = torch.zeros(len(embeds))
-    _, eps_u = first_step_scores(model, original, x_T)
+    n = 1
+    if extra_noise is not None:
+        n = 1 + extra_noise.shape[1]
+        x_T = torch.cat([x_T[:, None], extra_noise], dim=1).flatten(0, 1)
+    _, eps_u = first_step_scores(model, original.repeat_interleave(n, dim=0), x_T)
     for it in range(max_iters + 1):
         full = torch.cat([original[:, :1], tail], dim=1)
-        score, _ = first_step_scores(model, full, x_T, grad=True, uncond_eps=eps_u)
+        per_noise, _ = first_step_scores(model, full.repeat_interleave(n, dim=0), x_T, grad=True, uncond_eps=eps_u)
+        score = per_noise.view(len(embeds), n).pow(2).mean(dim=1).sqrt()
         last = torch.where(active, score.detach().cpu(), last)
         active &= score.detach().cpu() >= target
         if not active.any() or it == max_iters:
@@ -115,6 +122,11 @@ def optimise_embeddings(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, t
             iters[i] += 1
     result = torch.cat([original[:, :1], tail.detach()], dim=1)
     return result, iters, last.tolist()
+
+
+def _derived_seed(seed: int, k: int) -> int:
+    """A seed for the k-th extra noise of the image with ``seed``, apart from every image seed in use."""
+    return int(np.random.SeedSequence([seed, 104729, k]).generate_state(1, np.uint64)[0] >> 1)
 
 
 _WORD = re.compile(r"^[a-z]{3,}</w>$")
@@ -160,18 +172,21 @@ def gaussian_noise(embeds: torch.Tensor, rng: np.random.Generator, sigma: float 
 
 def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", seed: int = 0, *,
              target: float | None = None, lr: float = 0.05, max_iters: int = 10, leash: float | None = None,
-             k_words: int = 4, gni_sigma: float = 0.1, index=None, train_index=None,
+             noises: int = 1, k_words: int = 4, gni_sigma: float = 0.1, index=None, train_index=None,
              amg: dict | None = None, batch_size: int = 16, progress: bool = True) -> Generation:
     """Generate one image per prompt (image i from seed + i) with a mitigation, and report on each.
 
     ``target`` for ``wen`` defaults to the model's calibrated detection threshold; ``wen`` acts only
-    on images at or over both the threshold and the target. ``index`` (a
+    on images at or over both the threshold and the target, and with ``noises`` > 1 optimises each
+    embedding against that many starting noises (its own x_T and ones drawn from its seed). ``index`` (a
     :class:`memfree.similarity.PixelIndex`) adds each image's nearest training image and nL2.
     AMG methods search ``train_index`` (a :class:`memfree.index.TrainingIndex`; default: the one
     shipped with the model) and take :class:`memfree.guidance.AMGConfig` overrides from ``amg``.
     """
     if mitigation not in METHODS:
         raise ValueError(f"unknown mitigation {mitigation!r}; choose one of {', '.join(METHODS)}")
+    if noises < 1:
+        raise ValueError(f"noises must be at least 1, got {noises}")
     prompts = list(prompts)
     if not prompts or any(not p.strip() for p in prompts):
         raise ValueError("no prompts given" if not prompts else "empty prompt given")
@@ -201,7 +216,12 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", see
         flagged = [i for i in range(len(prompts)) if before[i] >= gate]
         for lo in range(0, len(flagged), batch_size):
             ids = flagged[lo:lo + batch_size]
-            new, it, last = optimise_embeddings(model, embeds[ids], x_T[ids], target, lr, max_iters, leash)
+            extra_noise = None
+            if noises > 1:
+                extra_noise = torch.stack([initial_noise(model, [_derived_seed(seeds[i], k) for k in range(1, noises)])
+                                           for i in ids])
+            new, it, last = optimise_embeddings(model, embeds[ids], x_T[ids], target, lr, max_iters, leash,
+                                                extra_noise)
             embeds[ids] = new
             for j, i in enumerate(ids):
                 applied[i], iters[i], losses[i] = True, it[j], last[j]

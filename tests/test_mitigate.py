@@ -64,6 +64,23 @@ def test_wen_with_a_target_under_the_threshold_still_leaves_passed_prompts_ident
             assert r.iterations >= 1 and not torch.equal(img_b, img_g)
 
 
+def test_wen_with_several_noises_scores_the_root_mean_square_over_them(model):
+    from memfree.mitigate import optimise_embeddings
+    embeds = model.encode(PROMPTS[:2]).float()
+    x_T, extra = initial_noise(model, [1, 2]), initial_noise(model, [11, 12, 21, 22]).view(2, 2, *model.latent_shape)
+    start = first_step_scores(model, embeds, x_T)[0]
+    target = float(start.min()) * 0.9
+    new, iters, last = optimise_embeddings(model, embeds, x_T, target, lr=0.5, max_iters=4, extra_noise=extra)
+    for i in range(2):
+        per_noise = [float(first_step_scores(model, new[i:i + 1], x[None])[0]) for x in (x_T[i], *extra[i])]
+        assert last[i] == pytest.approx(float(np.sqrt(np.mean(np.square(per_noise)))), rel=1e-3)
+        assert iters[i] >= 1
+    alone, _, _ = optimise_embeddings(model, embeds, x_T, target, lr=0.5, max_iters=4)
+    assert not torch.allclose(alone, new)          # the extra noises change what is optimised
+    with pytest.raises(ValueError, match="noises"):
+        generate(model, PROMPTS, "wen", target=target, noises=0, progress=False)
+
+
 def test_wen_needs_a_target_on_an_uncalibrated_model(model):
     with pytest.raises(ValueError, match="calibrate"):
         generate(model, PROMPTS[:1], "wen", progress=False)
