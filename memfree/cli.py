@@ -284,7 +284,8 @@ def bench_filter(model_path, thresholds, samples, seed, json_out):
 @bench.command("overhead")
 @model_option
 @click.option("--methods", default="amg,amg-every,amg-screen,wen", show_default=True)
-@click.option("--set", "prompt_set", default="heldout", show_default=True, help="Testbed prompt set.")
+@click.option("--set", "prompt_set", default="heldout", show_default=True,
+              help="Testbed prompt set, or several joined by commas (a mixed set), or 'all'.")
 @click.option("--prompts", "prompts_file", default=None, metavar="FILE", help="Or a prompts file.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--json", "json_out", default=None, metavar="OUT")
@@ -297,10 +298,10 @@ def bench_overhead(model_path, methods, prompt_set, prompts_file, repeats, json_
         prompts = read_prompts((), prompts_file)
     else:
         from memfree.testbed.bundle import load_testbed
-        sets = load_testbed(model).eval_sets
-        if prompt_set not in sets:
-            raise click.UsageError(f"unknown prompt set {prompt_set!r}; choose one of {', '.join(sets)}")
-        prompts = [e["prompt"] for e in sets[prompt_set]]
+        try:
+            prompts = load_testbed(model).prompts(prompt_set)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
     names = [m.strip() for m in methods.split(",") if m.strip()]
     res = measure_overhead(model, prompts, names, repeats, progress=not quiet)
     res["prompt_set"] = prompts_file or prompt_set

@@ -26,6 +26,15 @@ class Testbed:
     def eval_sets(self) -> dict[str, list[dict]]:
         return self.manifest["eval"]
 
+    def prompts(self, sets: str) -> list[str]:
+        """The prompts of one evaluation set, of several joined by commas (a mixed set, in that order),
+        or of every set for ``"all"``."""
+        names = list(self.eval_sets) if sets == "all" else [s.strip() for s in sets.split(",") if s.strip()]
+        unknown = [s for s in names if s not in self.eval_sets] or ([] if names else [sets])
+        if unknown:
+            raise ValueError(f"unknown prompt set {unknown[0]!r}; choose from {', '.join(self.eval_sets)} or all")
+        return [e["prompt"] for s in names for e in self.eval_sets[s]]
+
 
 def load_testbed(model: Model | str | Path) -> Testbed:
     """Open the ground truth of a testbed model (``<model>/testbed``); a clear error for other models."""

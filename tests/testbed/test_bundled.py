@@ -80,3 +80,14 @@ def test_empty_prompt_does_not_copy_planted_images(bundled):
     nn = tb.index.search(out.images)
     planted = [tb.manifest["unique"][int(i)]["kind"] != "ordinary" for i, m in zip(nn.ids, nn.memorized) if m]
     assert sum(planted) <= 1
+
+
+def test_prompt_sets_join_into_a_mixed_set(bundled):
+    _, tb = bundled
+    verbatim, heldout = ([e["prompt"] for e in tb.eval_sets[k]] for k in ("verbatim", "heldout"))
+    assert tb.prompts("verbatim") == verbatim
+    assert tb.prompts("verbatim, heldout") == verbatim + heldout
+    assert len(tb.prompts("all")) == sum(len(v) for v in tb.eval_sets.values())
+    for bad in ("verbatim,nope", ",", ""):
+        with pytest.raises(ValueError, match="unknown prompt set"):
+            tb.prompts(bad)
