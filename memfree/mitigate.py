@@ -125,7 +125,8 @@ def optimise_embeddings(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, t
 
 
 def _derived_seed(seed: int, k: int) -> int:
-    """A seed for the k-th extra noise of the image with ``seed``, apart from every image seed in use."""
+    """A seed for the k-th extra noise of the image with ``seed``: a hash of both, so extra noises do not
+    repeat the neighbouring images' x_T (seed + 1, seed + 2, ...)."""
     return int(np.random.SeedSequence([seed, 104729, k]).generate_state(1, np.uint64)[0] >> 1)
 
 
