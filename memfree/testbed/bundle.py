@@ -30,9 +30,9 @@ class Testbed:
         """The prompts of one evaluation set, of several joined by commas (a mixed set, in that order),
         or of every set for ``"all"``."""
         names = list(self.eval_sets) if sets == "all" else [s.strip() for s in sets.split(",") if s.strip()]
-        unknown = [s for s in names if s not in self.eval_sets] or ([] if names else [sets])
-        if unknown:
-            raise ValueError(f"unknown prompt set {unknown[0]!r}; choose from {', '.join(self.eval_sets)} or all")
+        for name in names or [sets]:
+            if name not in self.eval_sets:
+                raise ValueError(f"unknown prompt set {name!r}; choose from {', '.join(self.eval_sets)} or all")
         return [e["prompt"] for s in names for e in self.eval_sets[s]]
 
 

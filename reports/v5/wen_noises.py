@@ -23,7 +23,7 @@ model = load(sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "-" else None)
 prompt_set = sys.argv[2] if len(sys.argv) > 2 else "verbatim"
 counts = [int(n) for n in sys.argv[3].split(",")] if len(sys.argv) > 3 else [1, 2, 4, 8]
 tb = load_testbed(model)
-prompts = [e["prompt"] for e in tb.eval_sets[prompt_set]]
+prompts = tb.prompts(prompt_set)
 threshold = model.defaults["detection"]["threshold"]
 for method, noises in [("none", 1)] + [("wen", n) for n in counts]:
     t0 = time.perf_counter()

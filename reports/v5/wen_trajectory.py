@@ -12,16 +12,15 @@ import json
 import sys
 
 import numpy as np
-import torch
 
-from memfree.mitigate import first_step_scores, optimise_embeddings
+from memfree.mitigate import optimise_embeddings
 from memfree.model import load
 from memfree.sampling import initial_noise, sample
 from memfree.testbed.bundle import load_testbed
 
 model = load(sys.argv[1] if len(sys.argv) > 1 else None)
 tb = load_testbed(model)
-prompts = [e["prompt"] for e in tb.eval_sets["verbatim"]]
+prompts = tb.prompts("verbatim")
 threshold = model.defaults["detection"]["threshold"]
 steps_shown = [0, 1, 2, 3, 5, 10, 20, 30, 49]
 rows = {"none": [], "wen": []}
@@ -29,7 +28,7 @@ for s in range(4):
     seeds = [1000 * s + i for i in range(len(prompts))]
     x_T = initial_noise(model, seeds)
     embeds = model.encode(prompts).float()
-    optimised, iters, last = optimise_embeddings(model, embeds, x_T, threshold)
+    optimised, _, last = optimise_embeddings(model, embeds, x_T, threshold)
     for name, e in (("none", embeds), ("wen", optimised)):
         out = sample(model, prompts, seeds, latents=x_T, prompt_embeds=e, progress=False)
         nn = tb.index.search(out.images)
