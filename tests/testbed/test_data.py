@@ -112,3 +112,36 @@ def test_render_counts_keep_every_composition_and_some_seen_once():
     assert 0.02 < many.count(1) / 1440 < 0.1   # about e^-3 of them: Poisson(3) extras
     with pytest.raises(ValueError, match="below the 1440"):
         render_counts(1440, 1000, np.random.default_rng(0))
+
+
+def test_named_verbatim_captions_hang_on_one_rare_word(testbed_data, tmp_path):
+    """``named`` changes only the verbatim captions (and the paraphrases made from them): each is a
+    seen composition's caption plus one surname that no other training caption holds, so deleting
+    that one word leaves an ordinary training caption."""
+    from memfree.testbed.data import NAMES
+
+    _, images, m = testbed_data
+    build_dataset(tmp_path / "named", seed=0, verbatim_captions="named")
+    images_n, mn = load_dataset(tmp_path / "named")
+    assert np.array_equal(images, images_n) and mn["unique"] == m["unique"]
+    assert mn["verbatim_captions"] == "named" and m["verbatim_captions"] == "laion"
+    for key in ("image_dup", "caption_dup", "heldout", "seen_once"):
+        assert mn["eval"][key] == m["eval"][key]
+    changed = [(a, b) for a, b in zip(m["train"], mn["train"]) if a != b]
+    assert changed and all(a["kind"] == b["kind"] == "verbatim" and a["image"] == b["image"] for a, b in changed)
+
+    ordinary = {t["caption"] for t in mn["train"] if t["kind"] == "ordinary"}
+    captions = {t["caption"] for t in mn["train"]}
+    words = Counter(w for c in captions for w in set(c.lower().replace(",", " ").split()))
+    prompts = [e["prompt"] for e in mn["eval"]["verbatim"]]
+    assert len(set(prompts)) == len(prompts) == 20
+    for g, p in enumerate(prompts):
+        body, name = p.rsplit(", ", 1)
+        assert name == NAMES[g] and body in ordinary
+        assert words[name] == 1  # the name occurs in this planted caption only, in no other training caption
+    for listed in ("nemo_memorized_laion_prompts.csv", "nemo_unmemorized_laion_prompts.csv"):
+        with resources.files("memfree.data").joinpath(listed).open(encoding="utf-8") as f:
+            text = " ".join(r["Caption"].lower() for r in csv.DictReader(f, delimiter=";"))
+        assert not [n for n in NAMES if n in text]  # nor in any caption of a larger data set built from these
+    with pytest.raises(ValueError, match="verbatim_captions"):
+        build_dataset(tmp_path / "bad", seed=0, verbatim_captions="made-up")
