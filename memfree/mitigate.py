@@ -60,18 +60,29 @@ class Generation:
     piece_seconds: float = 0.0        # of which inside the sampling loop's pieces (AMG's checks and terms)
 
 
-def first_step_scores(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, grad: bool = False,
-                      uncond_eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image ‖ε_c − ε_u‖₂ at x_T and the sampler's first timestep; also returns ε_u for reuse."""
+def _first_step_input(model: Model, x_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The UNet input at x_T, the sampler's first timestep and ᾱ there."""
     sched = model.scheduler
     sched.set_timesteps(model.num_inference_steps, device=model.device)
     t = sched.timesteps[0]
     x = sched.scale_model_input(x_T.to(model.device, model.dtype) * sched.init_noise_sigma, t)
-    a = _alpha_bar(model, t)
+    return x, t, _alpha_bar(model, t)
+
+
+def first_step_uncond_eps(model: Model, x_T: torch.Tensor) -> torch.Tensor:
+    """ε_u at x_T and the first timestep: the half of the first-step score that no embedding changes."""
+    x, t, a = _first_step_input(model, x_T)
+    with torch.no_grad():
+        uncond = model.encode([""]).expand(len(x), -1, -1)
+        return _to_eps(model, model.unet(x, t, uncond).sample.float(), x.float(), a)
+
+
+def first_step_scores(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, grad: bool = False,
+                      uncond_eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ‖ε_c − ε_u‖₂ at x_T and the sampler's first timestep; also returns ε_u for reuse."""
     if uncond_eps is None:
-        with torch.no_grad():
-            uncond = model.encode([""]).expand(len(x), -1, -1)
-            uncond_eps = _to_eps(model, model.unet(x, t, uncond).sample.float(), x.float(), a)
+        uncond_eps = first_step_uncond_eps(model, x_T)
+    x, t, a = _first_step_input(model, x_T)
     with torch.set_grad_enabled(grad):
         eps_c = _to_eps(model, model.unet(x, t, embeds.to(model.dtype)).sample.float(), x.float(), a)
     return (eps_c - uncond_eps).flatten(1).norm(dim=1), uncond_eps
@@ -100,7 +111,7 @@ def optimise_embeddings(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, t
     if extra_noise is not None:
         n = 1 + extra_noise.shape[1]
         x_T = torch.cat([x_T[:, None], extra_noise], dim=1).flatten(0, 1)
-    _, eps_u = first_step_scores(model, original.repeat_interleave(n, dim=0), x_T)
+    eps_u = first_step_uncond_eps(model, x_T)
     for it in range(max_iters + 1):
         full = torch.cat([original[:, :1], tail], dim=1)
         per_noise, _ = first_step_scores(model, full.repeat_interleave(n, dim=0), x_T, grad=True, uncond_eps=eps_u)
