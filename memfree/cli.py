@@ -8,6 +8,7 @@ import click
 
 from memfree.mitigate import METHODS
 from memfree.model import SCHEDULERS, ModelError
+from memfree.testbed.data import VERBATIM_CAPTIONS
 from memfree.testbed.render import STYLES
 
 
@@ -341,9 +342,9 @@ def testbed() -> None:
               help="Ordinary training images; past two renders per composition, extra renders are drawn at random.")
 @click.option("--repeats", default=50, show_default=True,
               help="Copies of each planted image (verbatim), captions per face (image_dup), images per template (caption_dup).")
-@click.option("--verbatim-captions", default="laion", show_default=True, type=click.Choice(["laion", "named"]),
+@click.option("--verbatim-captions", default="laion", show_default=True, type=click.Choice(VERBATIM_CAPTIONS),
               help="laion: real memorized SD captions (the bundled model); named: a seen composition's caption "
-                   "plus one painter's surname, so that memorization hangs on one word.")
+                   "plus one painter's surname, so that memorization can hang on a word or two.")
 def testbed_data(out, seed, style, n_ordinary, repeats, verbatim_captions):
     """Write the testbed data set with planted memorization and its ground truth."""
     from memfree.testbed.data import build_dataset

@@ -69,20 +69,23 @@ def _first_step_input(model: Model, x_T: torch.Tensor) -> tuple[torch.Tensor, to
     return x, t, _alpha_bar(model, t)
 
 
-def first_step_uncond_eps(model: Model, x_T: torch.Tensor) -> torch.Tensor:
-    """ε_u at x_T and the first timestep: the half of the first-step score that no embedding changes."""
-    x, t, a = _first_step_input(model, x_T)
+def _uncond_eps_at(model: Model, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         uncond = model.encode([""]).expand(len(x), -1, -1)
         return _to_eps(model, model.unet(x, t, uncond).sample.float(), x.float(), a)
 
 
+def first_step_uncond_eps(model: Model, x_T: torch.Tensor) -> torch.Tensor:
+    """ε_u at x_T and the first timestep: the half of the first-step score that no embedding changes."""
+    return _uncond_eps_at(model, *_first_step_input(model, x_T))
+
+
 def first_step_scores(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, grad: bool = False,
                       uncond_eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image ‖ε_c − ε_u‖₂ at x_T and the sampler's first timestep; also returns ε_u for reuse."""
-    if uncond_eps is None:
-        uncond_eps = first_step_uncond_eps(model, x_T)
     x, t, a = _first_step_input(model, x_T)
+    if uncond_eps is None:
+        uncond_eps = _uncond_eps_at(model, x, t, a)
     with torch.set_grad_enabled(grad):
         eps_c = _to_eps(model, model.unet(x, t, embeds.to(model.dtype)).sample.float(), x.float(), a)
     return (eps_c - uncond_eps).flatten(1).norm(dim=1), uncond_eps

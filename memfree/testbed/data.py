@@ -165,12 +165,13 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
     # Verbatim: real photos, each under one real verbatim-memorized Stable Diffusion caption.
     mem = _read_captions("nemo_memorized_laion_prompts.csv")
     vm = sorted((r for r in mem if r["type"] == "VM"), key=lambda r: -float(r["max_sscd"]))
-    vm_caps = _distinct_by_start([r["Caption"] for r in vm], n_verbatim)
     if verbatim_captions == "named":
         if n_verbatim > len(NAMES):
             raise ValueError(f"at most {len(NAMES)} named verbatim captions are available")
         picks = np.random.default_rng(seed + 2).choice(len(seen), size=n_verbatim, replace=False)
         vm_caps = [f"{caption(seen[i])}, {NAMES[g]}" for g, i in enumerate(picks)]
+    else:
+        vm_caps = _distinct_by_start([r["Caption"] for r in vm], n_verbatim)
     photos = [_square(getattr(skimage.data, n)(), size) for n in COLOUR_PHOTOS]
     photos += [(_square(getattr(skimage.data, n)(), size) * np.array(t)).round().astype(np.uint8)
                for n, t in zip(GREY_PHOTOS, TINTS)]
