@@ -93,14 +93,17 @@ def first_step_scores(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, gra
 
 def optimise_embeddings(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, target: float,
                         lr: float = 0.05, max_iters: int = 10, leash: float | None = None,
-                        extra_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int], list[float]]:
+                        extra_noise: torch.Tensor | None = None,
+                        uncond_eps: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int], list[float]]:
     """Wen et al.'s inference-time mitigation for a batch: AdamW on every position but the start token.
 
     Each image stops on its own as soon as its score is under ``target``. ``leash`` (α in the paper's
     optional form α·L + (1−α)·mean‖e − e⁰‖) keeps the embedding near the original when given.
     ``extra_noise`` (B, n−1, C, H, W) adds starting noises that image's embedding must also pass: its
     score is then the root mean square over the n noises, as in the reference code's batch of n
-    images that share one embedding. Returns the new embeddings, iterations taken and the last score.
+    images that share one embedding. ``uncond_eps`` is ε_u at ``x_T`` when the caller already has it
+    (``first_step_scores`` returns it); it is not used with ``extra_noise``, whose noises need their
+    own. Returns the new embeddings, iterations taken and the last score.
     """
     for p in model.unet.parameters():
         p.requires_grad_(False)
@@ -114,7 +117,8 @@ def optimise_embeddings(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, t
     if extra_noise is not None:
         n = 1 + extra_noise.shape[1]
         x_T = torch.cat([x_T[:, None], extra_noise], dim=1).flatten(0, 1)
-    eps_u = first_step_uncond_eps(model, x_T)
+        uncond_eps = None
+    eps_u = uncond_eps if uncond_eps is not None else first_step_uncond_eps(model, x_T)
     for it in range(max_iters + 1):
         full = torch.cat([original[:, :1], tail], dim=1)
         per_noise, _ = first_step_scores(model, full.repeat_interleave(n, dim=0), x_T, grad=True, uncond_eps=eps_u)
@@ -212,10 +216,13 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", see
     embeds = model.encode(prompts).float()
     # The original prompt's first-step score. Methods that sample with the original embedding get it
     # free from the sampling loop's first step; the others need one extra UNet pass for it.
-    before = None
+    # wen reuses that pass's ε_u for the prompts it optimises.
+    before = eps_u = None
     if mitigation != "none" and mitigation not in AMG_METHODS:
-        before = torch.cat([first_step_scores(model, embeds[lo:lo + batch_size], x_T[lo:lo + batch_size])[0].cpu()
-                            for lo in range(0, len(prompts), batch_size)])
+        parts = [first_step_scores(model, embeds[lo:lo + batch_size], x_T[lo:lo + batch_size])
+                 for lo in range(0, len(prompts), batch_size)]
+        before = torch.cat([score.cpu() for score, _ in parts])
+        eps_u = torch.cat([u for _, u in parts])
     used, applied = list(prompts), [False] * len(prompts)
     iters, losses = [0] * len(prompts), [None] * len(prompts)
     extra: list[dict] = [{} for _ in prompts]
@@ -236,7 +243,7 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str = "none", see
                 extra_noise = torch.stack([initial_noise(model, [_derived_seed(seeds[i], k) for k in range(1, noises)])
                                            for i in ids])
             new, it, last = optimise_embeddings(model, embeds[ids], x_T[ids], target, lr, max_iters, leash,
-                                                extra_noise)
+                                                extra_noise, uncond_eps=eps_u[ids])
             embeds[ids] = new
             for j, i in enumerate(ids):
                 applied[i], iters[i], losses[i] = True, it[j], last[j]
