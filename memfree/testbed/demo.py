@@ -19,11 +19,19 @@ from memfree.similarity import NL2_THRESHOLD
 from memfree.testbed.bundle import load_testbed
 from memfree.testbed.report import evaluate_set
 
-SECTIONS = (("verbatim", 8, "Verbatim: one photo, one caption, 50 copies in training"),
-            ("image_dup", 4, "Image duplication: one face, 50 different captions"),
-            ("caption_dup", 4, "Caption duplication: one caption, 50 images sharing a layout"),
+SECTIONS = (("verbatim", 8, "Verbatim: one photo under one caption, {n} times in training"),
+            ("image_dup", 4, "Image duplication: one face under {n} different captions"),
+            ("caption_dup", 4, "Caption duplication: one caption over {n} images sharing a layout"),
             ("paraphrase", 4, "Paraphrases of verbatim captions"),
             ("heldout", 8, "Held-out prompts: compositions never trained on"))
+
+
+def _per_item(manifest: dict, kind: str) -> int:
+    """Training items per planted photo, face or caption of ``kind``, read from the data's counts."""
+    if kind == "caption_dup":   # one caption per group, each group many distinct images
+        return manifest["counts"][kind] // max(len(manifest["eval"][kind]), 1)
+    unique = sum(u["kind"] == kind for u in manifest["unique"])
+    return manifest["counts"].get(kind, 0) // max(unique, 1)
 
 
 def _png(img: np.ndarray | torch.Tensor, scale: int = 4) -> str:
@@ -55,6 +63,7 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
         entries = tb.eval_sets[name][:n]
         res = evaluate_set(model, tb, entries, [seed], progress=progress)
         summary[name] = {"memorization_rate": res["memorization_rate"], "copy_rate": res["copy_rate"]}
+        title = title.format(n=_per_item(tb.manifest, name))
         parts.append(f"<h2>{html.escape(title)}</h2><table><tr><th>prompt</th><th>training image</th>"
                      "<th>generation</th><th>nearest training image</th><th>nL2</th></tr>")
         for e, img, nl2, near in zip(entries, res["_images"], res["_nl2"], res["_nearest"]):
