@@ -6,7 +6,8 @@ that a target of 0.6 x threshold with up to 50 iterations cuts 84%. This measure
 the benchmark's rows (memorization, alignment, Frechet distance, time against `none` in the same
 run) for `none` and `wen` at 0.6 x threshold with 10 and with 50 iterations. `wen` flags by the
 threshold in every setting, so held-out prompts the detector passes stay bit-identical.
-Usage: .venv/bin/python reports/v5/wen_deeper.py [MODEL] > reports/v5/wen-deeper.jsonl  (about 15 min)
+Usage: .venv/bin/python reports/v5/wen_deeper.py [MODEL] [SETS] [ITERS] > reports/v5/wen-deeper.jsonl
+(about 15 min for every set with 10 and 50 iterations; SETS and ITERS are comma lists, e.g. verbatim 10)
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from memfree.testbed.bundle import load_testbed
 model = load(sys.argv[1] if len(sys.argv) > 1 else None)
 tb = load_testbed(model)
 target = 0.6 * model.defaults["detection"]["threshold"]
-settings = [("none", {}), ("wen", {"target": target, "max_iters": 10}), ("wen", {"target": target, "max_iters": 50})]
+sets = sys.argv[2].split(",") if len(sys.argv) > 2 else SETS
+iters = [int(n) for n in sys.argv[3].split(",")] if len(sys.argv) > 3 else [10, 50]
+settings = [("none", {})] + [("wen", {"target": target, "max_iters": n}) for n in iters]
 none_seconds = {}
-for name in SETS:
+for name in sets:
     for method, kw in settings:
         row = evaluate_method(model, tb, method, name, [0, 1, 2, 3], **kw)
         if method == "none":

@@ -57,6 +57,21 @@ def test_it_copies_planted_photos_and_not_held_out_prompts(bundled):
     assert verbatim["first_step_score_mean"] > heldout["first_step_score_mean"]
 
 
+def test_explanation_finds_the_words_a_named_caption_hangs_on(bundled):
+    """v6 plants each photo under an ordinary caption plus a painter's name, so the memorization hangs
+    on a word or two: occlusion's top word beats a random one, and deleting the top two brings the
+    caption under the threshold (issue 3's deletion targets; 20 of 20 named captions in the benchmark)."""
+    from memfree.bench.detect import deletion_eval
+    model, tb = bundled
+    assert tb.manifest["verbatim_captions"] == "named"
+    prompts = tb.prompts("verbatim")[:6]
+    res = deletion_eval(model, prompts, model.defaults["detection"]["threshold"])
+    assert res["prompts"] == 6
+    assert res["deletion_top1_win_rate"] >= 5 / 6
+    assert res["deletion_top2_flip_rate"] >= 5 / 6
+    assert all(r["score"] > res["threshold"] for r in res["rows"])
+
+
 def test_word_influence_shows_the_bundled_model_reads_every_attribute_word(bundled):
     """Swapping any attribute's word moves ε, position included: the bundled model was trained with
     token embeddings initialised at 1.0; at CLIP's 0.02 position stayed at 0.1 against colour's 3.3
@@ -73,7 +88,8 @@ def test_word_influence_shows_the_bundled_model_reads_every_attribute_word(bundl
 def test_empty_prompt_does_not_copy_planted_images(bundled):
     """The unconditional model must not copy: a copy from the empty prompt is a floor that no
     prompt-side mitigation can go under. v3tok, with 34% planted duplicates, copied in 33% of
-    seeds; the bundled v5 (9%) in 3 of 200 and in none of seeds 0-19 (reports/v5/uncond-copies.json)."""
+    seeds; v5 and the bundled v6 (9%) in 3 and 1 of 200 and in none of seeds 0-19
+    (reports/v5/uncond-copies.json, reports/v6/uncond-copies.json)."""
     from memfree.sampling import sample
     model, tb = bundled
     out = sample(model, [""] * 20, list(range(20)), progress=False)
