@@ -343,8 +343,8 @@ def testbed() -> None:
 @click.option("--repeats", default=50, show_default=True,
               help="Copies of each planted image (verbatim), captions per face (image_dup), images per template (caption_dup).")
 @click.option("--verbatim-captions", default="laion", show_default=True, type=click.Choice(VERBATIM_CAPTIONS),
-              help="laion: real memorized SD captions (the bundled model); named: a seen composition's caption "
-                   "plus one painter's surname, so that memorization can hang on a word or two.")
+              help="laion: real memorized SD captions (v5); named: a seen composition's caption plus one "
+                   "painter's surname, so that memorization can hang on a word or two (the bundled v6).")
 def testbed_data(out, seed, style, n_ordinary, repeats, verbatim_captions):
     """Write the testbed data set with planted memorization and its ground truth."""
     from memfree.testbed.data import build_dataset

@@ -126,11 +126,11 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
                   verbatim_captions: str = "laion") -> dict:
     """Write images.npz and manifest.json into ``out_dir`` and return the manifest.
 
-    ``style`` names the drawing constants (memfree.testbed.render.STYLES); ``v2`` made the bundled model.
+    ``style`` names the drawing constants (memfree.testbed.render.STYLES); ``v3`` made the bundled model.
     ``verbatim_captions``: ``laion`` plants real verbatim-memorized Stable Diffusion captions, whose every
     word is foreign to the ordinary captions; ``named`` plants the caption of a seen composition followed
     by one painter's surname, so that the memorization can hang on a word or two (as Wen et al. find of
-    many real memorized prompts; on the v6 candidate it hangs on "background," and the name, README).
+    many real memorized prompts; in the bundled v6 it hangs on "background," and the name, README).
     Everything else in the data set is the same either way.
     """
     import skimage.data
