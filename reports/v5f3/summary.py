@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 run, base, filt = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()), json.loads(Path(sys.argv[3]).read_text())
-KINDS = {"verbatim": 80, "image_dup": 80, "caption_dup": 40}  # generations per kind: prompts × 4 seeds
+KINDS = ("verbatim", "image_dup", "caption_dup")  # the planted kinds pooled
 
 
 def pooled(rep: dict, field: str) -> dict:
-    copies = {k: round(rep["sets"][k][field] * n) for k, n in KINDS.items()}
-    return {"copies": sum(copies.values()), "generations": sum(KINDS.values()),
-            "rate": round(sum(copies.values()) / sum(KINDS.values()), 4), "by_kind": copies}
+    n = {k: rep["sets"][k]["generations"] for k in KINDS}  # prompts × seeds, as the report ran them
+    copies = {k: round(rep["sets"][k][field] * n[k]) for k in KINDS}
+    return {"copies": sum(copies.values()), "generations": sum(n.values()),
+            "rate": round(sum(copies.values()) / sum(n.values()), 4), "by_kind": copies}
 
 
 def side(rep: dict) -> dict:
