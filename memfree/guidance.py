@@ -26,8 +26,9 @@ Beyond the paper, two ways to make ordinary prompts pay next to nothing:
 * a cadence: σ is checked every ``check_every`` steps, and at every step once an image is under watch
   (σ above ``watch``, or the gate has fired). This is the default;
 * a screen: the free first-step detection score ‖ε_c − ε_u‖ decides whether an image is checked at
-  all; images scored under ``screen`` never pay for a search. On the testbed it misses the
-  image-duplication copies, whose captions are ordinary (see the README), so it is an option.
+  all; images scored under ``screen`` never pay for a search. It misses whatever copies the detector
+  misses (v3tok's image duplicates; 6% of v6's paraphrase generations, see the README), so it is an
+  option, not the default.
 """
 from __future__ import annotations
 
