@@ -326,5 +326,10 @@ def keep_mask(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Te
         keep = keep_mask(unet, noisy_latents, timesteps, encoder_hidden_states, empty_states, tau,
                          eps_cond=model_pred)          # reuses the prediction: one extra no-grad call
         loss = (per_sample_loss * keep).sum() / keep.sum().clamp(min=1)   # skip the step if none kept
+
+    Watch the kept share. Training the testbed from scratch on the v6 data with τ = 2.5 collapsed
+    at step 1,200: a gradient spike that the unfiltered recipe recovers from sent every captioned
+    sample's score over τ, so the filter dropped the very samples that would repair it
+    (``reports/v6f25/``). Wen et al. apply it when fine-tuning a trained model.
     """
     return training_scores(unet, noisy, timesteps, cond, uncond, eps_cond) < threshold
