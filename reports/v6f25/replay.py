@@ -6,8 +6,9 @@ output the same near-zero image whatever its input. This runs the same recipe (s
 random streams) with a trace of every step: the filter's scores (‖ε_c − ε_u‖₂ per sample), the share
 kept (and the share under 2.5), the size of the conditional prediction and of the text embedding,
 and the gradient norm before clipping. TAU "off" keeps every sample (the unfiltered recipe) but
-still records the scores; RUN resumes from its checkpoint when it has one.
-Usage: .venv/bin/python reports/v6f25/replay.py DATA RUN STEPS [TAU] > reports/v6f25/replay.jsonl
+still records the scores; RUN resumes from its checkpoint when it has one. MIN_KEPT (an untested
+remedy, off by default) runs a step unfiltered when the filter would keep under that share of it.
+Usage: .venv/bin/python reports/v6f25/replay.py DATA RUN STEPS [TAU [MIN_KEPT]] > reports/v6f25/replay.jsonl
 (DATA as built by `memfree testbed data --out D --ordinary 5760 --repeats 20 --verbatim-captions
 named`, with the bundled tokenizer copied to RUN/tokenizer_build; about 1.1 s a step on 2 CPU cores)
 """
@@ -25,6 +26,7 @@ from memfree.testbed.train import train
 
 data, run, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 TAU = 2.5 if len(sys.argv) < 5 else math.inf if sys.argv[4] == "off" else float(sys.argv[4])
+MIN_KEPT = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 state = Path(run) / "train_state.json"
 trace: dict = {}
 step = [json.loads(state.read_text())["step"] if state.exists() else 0]
@@ -42,6 +44,8 @@ def traced_keep(unet, x_t, t, cond, uncond, eps_cond):
         print(json.dumps(trace), flush=True)
     scores = training_scores(unet, x_t, t, cond, uncond, eps_cond)
     keep = scores < TAU
+    if keep.float().mean() < MIN_KEPT:
+        keep = torch.ones_like(keep)
     q = torch.quantile(scores, torch.tensor([0.5, 0.9, 1.0]))
     trace.clear()
     trace.update({"step": step[0], "kept": round(float(keep.float().mean()), 3),
