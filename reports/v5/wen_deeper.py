@@ -26,15 +26,14 @@ threshold = model.defaults["detection"]["threshold"]
 sets = sys.argv[2].split(",") if len(sys.argv) > 2 else SETS
 iters = [int(n) for n in sys.argv[3].split(",")] if len(sys.argv) > 3 else [10, 50]
 scales = [float(x) for x in sys.argv[4].split(",")] if len(sys.argv) > 4 else [0.6]
-settings = [("none", {})] + [("wen", {"target": scale * threshold, "max_iters": n, "target_scale": scale})
-                             for scale in scales for n in iters]
+settings = [("none", {}, {})] + [("wen", {"target": scale * threshold, "max_iters": n}, {"target_scale": scale})
+                                 for scale in scales for n in iters]
 none_seconds = {}
 for name in sets:
-    for method, kw in settings:
-        row = evaluate_method(model, tb, method, name, [0, 1, 2, 3],
-                              **{k: v for k, v in kw.items() if k != "target_scale"})
+    for method, kw, label in settings:
+        row = evaluate_method(model, tb, method, name, [0, 1, 2, 3], **kw)
         if method == "none":
             none_seconds[name] = row["seconds_per_image"]
         row["overhead_ratio"] = row["seconds_per_image"] / none_seconds[name]
-        row.update({k: kw[k] for k in ("target", "max_iters", "target_scale") if k in kw})
+        row.update(kw | label)
         print(json.dumps(row), flush=True)

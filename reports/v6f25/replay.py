@@ -6,8 +6,8 @@ output the same near-zero image whatever its input. This runs the same recipe (s
 random streams) with a trace of every step: the filter's scores (‖ε_c − ε_u‖₂ per sample), the share
 kept (and the share under 2.5), the size of the conditional prediction and of the text embedding,
 and the gradient norm before clipping. TAU "off" keeps every sample (the unfiltered recipe) but
-still records the scores; RUN resumes from its checkpoint when it has one. MIN_KEPT (an untested
-remedy, off by default) runs a step unfiltered when the filter would keep under that share of it.
+still records the scores; RUN resumes from its checkpoint when it has one. MIN_KEPT (a remedy on
+trial, off by default) runs a step unfiltered when the filter would keep under that share of it.
 Usage: .venv/bin/python reports/v6f25/replay.py DATA RUN STEPS [TAU [MIN_KEPT]] > reports/v6f25/replay.jsonl
 (DATA as built by `memfree testbed data --out D --ordinary 5760 --repeats 20 --verbatim-captions
 named`, with the bundled tokenizer copied to RUN/tokenizer_build; about 1.1 s a step on 2 CPU cores)
