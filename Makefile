@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 
 .PHONY: install demo test report
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml testbed/pyproject.toml benchmarks/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Pin torch first: a bare torch requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[testbed,bench,test]'
+	# The library, its testbed (the default model) and the benchmarks: three packages of this repository.
+	$(PY) -m pip install -q -e '.[test]' -e ./testbed -e ./benchmarks
 	# The CLIP BPE vocabulary ships in this wheel; its torchvision dependency is not wanted.
 	$(PY) -m pip install -q --no-deps clip-anytorch==2.6.0
 	touch $@

@@ -1,6 +1,8 @@
 """memfree: detect, explain and mitigate training-data memorization in text-to-image diffusion models."""
-from memfree.model import Model, ModelError, bundled_model_path, load
+from memfree.model import Model, ModelError, load, named_models, register_model
 from memfree.sampling import SampleOutput, StepState, sample
+from memfree.settings import ModelSettings
 
-__all__ = ["Model", "ModelError", "SampleOutput", "StepState", "bundled_model_path", "load", "sample"]
-__version__ = "0.1.0"
+__all__ = ["Model", "ModelError", "ModelSettings", "SampleOutput", "StepState", "load", "named_models",
+           "register_model", "sample"]
+__version__ = "0.2.0"

@@ -3,14 +3,11 @@ of the noise prediction, ‖ε_c − ε_u‖₂ per image, averaged over chosen 
 
 The cheap form (first step, one generation) costs one CFG UNet call per prompt, which generation
 computes anyway. A threshold calibrated on ordinary prompts at a chosen false-positive rate is stored
-in the model's ``memfree.json`` so ``memorized`` has a meaning out of the box.
+with the model (:mod:`memfree.settings`) so ``memorized`` has a meaning out of the box.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +16,9 @@ import numpy as np
 import torch
 
 from memfree.model import Model
+from memfree.prompts import warn_truncated
 from memfree.sampling import sample
+from memfree.settings import save_settings_entry
 
 
 @dataclass
@@ -35,20 +34,6 @@ class Detection:
         return asdict(self)
 
 
-def warn_truncated(model: Model, prompts: Sequence[str]) -> list[bool]:
-    """Flag (and warn about) prompts the tokenizer cuts to its maximum length."""
-    limit = model.tokenizer.model_max_length
-    flags = [len(ids) > limit for ids in model.tokenizer(list(prompts), truncation=False).input_ids]
-    if any(flags):
-        warnings.warn(f"{sum(flags)} prompt(s) exceed {limit} tokens and were truncated", stacklevel=3)
-    return flags
-
-
-def stored_threshold(model: Model) -> float | None:
-    det = model.defaults.get("detection") or {}
-    return det.get("threshold")
-
-
 def score_prompts(model: Model, prompts: Sequence[str], steps: int = 1, generations: int = 1, seed: int = 0,
                   batch_size: int = 32, progress: bool = True) -> np.ndarray:
     """Per-image, per-step scores, shape (prompts, generations, steps), along the normal CFG trajectory.
@@ -62,7 +47,7 @@ def score_prompts(model: Model, prompts: Sequence[str], steps: int = 1, generati
         raise ValueError("empty prompt given")
     if steps < 1 or generations < 1:
         raise ValueError("steps and generations must be at least 1")
-    total = model.num_inference_steps
+    total = model.settings.num_inference_steps
     if steps > total:
         raise ValueError(f"steps={steps} exceeds the sampler's {total} steps")
     return trajectory_scores(model, prompts, steps, generations, seed, batch_size, progress)
@@ -75,7 +60,7 @@ def trajectory_scores(model: Model, prompts: Sequence[str], steps: int = 1, gene
     prompts = list(prompts)
     expanded = [p for p in prompts for _ in range(generations)]
     seeds = [seed + g for _ in prompts for g in range(generations)]
-    out = sample(model, expanded, seeds, num_inference_steps=model.num_inference_steps, batch_size=batch_size,
+    out = sample(model, expanded, seeds, batch_size=batch_size,
                  progress=progress, max_steps=steps)
     return out.scores.numpy().reshape(len(prompts), generations, -1)
 
@@ -86,7 +71,7 @@ def detect(model: Model, prompts: Sequence[str], steps: int = 1, generations: in
     prompts = list(prompts)
     truncated = warn_truncated(model, prompts) if prompts else []
     scores = score_prompts(model, prompts, steps, generations, seed, batch_size, progress)
-    thr = stored_threshold(model)
+    thr = model.settings.threshold
     return [Detection(prompt=p, score=float(s.mean()), per_step=[float(v) for v in s.mean(0)], threshold=thr,
                       memorized=None if thr is None else bool(s.mean() > thr), truncated=tr)
             for p, s, tr in zip(prompts, scores, truncated)]
@@ -106,7 +91,12 @@ def threshold_at_fpr(negative_scores: Sequence[float], fpr: float) -> float:
 
 def calibrate(model: Model, prompts: Sequence[str], fpr: float = 0.01, steps: int = 1, generations: int = 1,
               seed: int = 0, progress: bool = True, save: bool = True) -> dict:
-    """Set the detection threshold from ordinary (non-memorized) prompts and store it with the model."""
+    """A detection threshold from ordinary (non-memorized) prompts at false-positive rate ``fpr``.
+
+    With ``save`` it is stored with the model (:func:`memfree.settings.save_settings_entry` says where; the
+    returned entry's ``saved_to`` names the file); ``model`` itself is not changed: use
+    ``model.with_settings(detection=entry)`` or load the model again.
+    """
     if not 0 <= fpr < 1:
         raise ValueError("fpr must be in [0, 1)")
     t0 = time.perf_counter()
@@ -114,41 +104,7 @@ def calibrate(model: Model, prompts: Sequence[str], fpr: float = 0.01, steps: in
     entry = {"threshold": threshold_at_fpr(scores, fpr), "fpr": fpr, "steps": steps, "generations": generations,
              "calibration_prompts": len(scores), "negative_score_mean": float(scores.mean()),
              "negative_score_max": float(scores.max()), "seconds": round(time.perf_counter() - t0, 2)}
-    model.defaults["detection"] = entry
     if save and model.path is not None:
-        path = Path(model.path) / "memfree.json"
-        current = json.loads(path.read_text()) if path.exists() else {}
-        current["detection"] = entry
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(current, indent=2))
-        os.replace(tmp, path)
+        path = save_settings_entry(Path(model.path), "detection", entry, opened_by_name=model.name is not None)
+        return {**entry, "saved_to": str(path)}
     return entry
-
-
-def read_prompt_file(path: str | Path, column: str | None = None) -> list[str]:
-    """Prompts from a text file (one a line), a CSV (``,`` or ``;``) or JSONL file with a named column."""
-    import csv
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        col = column or "prompt"
-        if rows and col not in rows[0]:
-            raise ValueError(f"{path} has no field {col!r} (fields: {', '.join(rows[0])})")
-        prompts = [str(r[col]) for r in rows]
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        delimiter = ";" if text.split("\n", 1)[0].count(";") > text.split("\n", 1)[0].count(",") else ","
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else delimiter)
-        col = column or next((c for c in ("prompt", "Caption", "caption", "text") if c in (reader.fieldnames or [])), None)
-        if col is None or col not in (reader.fieldnames or []):
-            raise ValueError(f"{path} has no column {column or 'prompt'!r} (columns: {', '.join(reader.fieldnames or [])})")
-        prompts = [r[col] for r in reader]
-    else:
-        prompts = text.splitlines()
-    prompts = [p.strip() for p in prompts if p and p.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts

@@ -23,7 +23,8 @@ import torch
 
 from memfree.detect import trajectory_scores
 from memfree.model import Model
-from memfree.sampling import StepState, _to_eps, sample
+from memfree.denoise import branch_eps
+from memfree.sampling import StepState, sample
 
 
 @dataclass
@@ -61,8 +62,7 @@ class TokenGradients:
             return
         with torch.enable_grad():
             e = s.cond.detach().clone().requires_grad_(True)
-            out = s.model.unet(s.x_t.to(s.model.dtype), s.t, e).sample.float()
-            eps_c = _to_eps(s.model, out, s.x_t, s.alpha_bar)
+            eps_c = branch_eps(s.model, s.x_t, s.t, e, s.alpha_bar)
             loss = (eps_c - s.eps_u).flatten(1).norm(dim=1).sum()
             (g,) = torch.autograd.grad(loss, e)
         self.grads.append(g.norm(dim=2).detach().cpu())

@@ -14,7 +14,7 @@ change ε̂, with up to three terms, one per cause of memorization:
   pixel presets) the step is made to keep every channel's mean: in pixel nL2 the cheapest escape
   from a training image is a global colour cast, which also takes the picture away from what the
   prompt asks for. Without that way out it escapes through fine texture, which on the testbed keeps
-  alignment closer to ``none`` (see the README); neither is a different picture.
+  alignment closer to ``none`` (docs/methods.md); neither is a different picture.
 
 Similarity: for an index with the ``l2`` metric (pixels), σ = 1 − nL2/2, AMG's normalised ℓ2 over the
 k = 50 nearest images, so an exact copy is 1, "no closer than the crowd" is 0 and the memorization
@@ -27,8 +27,7 @@ Beyond the paper, two ways to make ordinary prompts pay next to nothing:
   (σ above ``watch``, or the gate has fired). This is the default;
 * a screen: the free first-step detection score ‖ε_c − ε_u‖ decides whether an image is checked at
   all; images scored under ``screen`` never pay for a search. It misses whatever copies the detector
-  misses (v3tok's image duplicates; 6% of v6's paraphrase generations, see the README), so it is an
-  option, not the default.
+  misses (docs/methods.md gives the measured share), so it is an option, not the default.
 """
 from __future__ import annotations
 
@@ -38,8 +37,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from memfree.sampling import StepState, _to_eps
-from memfree.similarity import normalised_l2, similarity_from_nl2
+from memfree.denoise import branch_eps, predict_x0
+from memfree.sampling import StepState
+from memfree.similarity import nearest, similarity_to
 
 TERMS = ("spe", "dup", "sim")
 
@@ -68,13 +68,9 @@ class AMGConfig:
         return self.lam_hi + (self.lam_lo - self.lam_hi) * r * r
 
 
-# Presets per similarity metric. "l2" values are in units of σ = 1 − nL2/2 (memorized above 0.3),
-# chosen on the testbed by the sweeps in the README. The "l2" amg uses the dissimilarity term alone:
-# on the testbed the two text-side terms left memorization where it was, cost image-duplicate
-# prompts alignment (measured on captions the benchmark does not use, reports/v5/amg_tune.py) and
-# cost a third UNet branch. `amg-all-terms` is the paper's three-term form for comparison. The
-# "cosine" values take c1, c2 and the gate from the paper's SSCD setting; c3 for a latent model
-# could not be tuned here (no SD weights).
+# Presets per similarity metric. "l2" values are in units of σ = 1 − nL2/2 (memorized above 0.3); the
+# "l2" amg uses the dissimilarity term alone and `amg-all-terms` is the paper's three-term form. The
+# "cosine" values take c1, c2 and the gate from the paper's SSCD setting. Why each value: docs/methods.md.
 PRESETS: dict[str, dict[str, AMGConfig]] = {
     "amg": {"l2": AMGConfig(terms=("sim",), grid=1),
             "cosine": AMGConfig(c1=13.0, c2=13.0, c3=200.0, lam_lo=0.3, lam_hi=0.4, watch=0.2)},
@@ -128,37 +124,6 @@ def config_for(method: str, metric: str = "l2", threshold: float | None = None, 
     return cfg
 
 
-def to_image(model, x0: torch.Tensor) -> torch.Tensor:
-    """Model space to [0, 1] images without the clamp, so gradients survive out-of-range pixels."""
-    if model.vae is not None:
-        x0 = model.vae.decode(x0.to(model.vae.dtype) / model.vae.config.scaling_factor).sample
-    return (x0.float() + 1) / 2
-
-
-def nearest(index, images: torch.Tensor, k: int = 50, alpha: float = 0.5
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """σ of each image (B,) to its nearest training image, and the neighbours' positions (B, k) in
-    the index (nearest first; k = 1 for a cosine index). No gradient: this is the per-step check."""
-    with torch.no_grad():
-        emb = index.embedder(images)
-        if index.embedder.metric == "cosine":
-            sim, ids = index.search(emb, 1)
-            return sim[:, 0].float(), ids
-        d, ids = index.search(emb, k)
-        return similarity_from_nl2(normalised_l2(d, alpha)), ids
-
-
-def similarity_to(index, images: torch.Tensor, ids: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """The same σ, differentiable in ``images``, against neighbours already found (``ids`` from
-    :func:`nearest`), recomputed from the index's stored vectors."""
-    emb = index.embedder(images)
-    near = index.vectors(ids).to(emb)                               # (B, k, D)
-    if index.embedder.metric == "cosine":
-        return torch.nn.functional.cosine_similarity(emb, near[:, 0], dim=1)
-    d = (emb[:, None, :] - near).norm(dim=-1)
-    return similarity_from_nl2(normalised_l2(d, alpha))
-
-
 def _new_entry() -> dict:
     return {"checked": 0, "screened_out": False, "watch": False, "max_sigma": None, "steps": []}
 
@@ -185,8 +150,8 @@ class AMG:
             return
         a = s.alpha_bar
         x_t, eps = s.x_t[rows], s.eps[rows].detach()
-        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-        sig, near = nearest(self.index, to_image(model, x0), cfg.k, cfg.alpha)
+        x0 = predict_x0(x_t, eps, a)
+        sig, near = nearest(self.index, model.decode(x0, clamp=False), cfg.k, cfg.alpha)
         lam = cfg.gate(s.t, model.scheduler.config.num_train_timesteps)
         fire = torch.ones_like(sig, dtype=torch.bool) if cfg.always_on else sig > lam
         for r, j in enumerate(rows):
@@ -201,7 +166,7 @@ class AMG:
         if "sim" in cfg.terms and cfg.c3 > 0:  # dissimilarity: x̂0 steps c3 along −∇σ
             with torch.enable_grad():
                 x0f = x0[fired_rows].detach().requires_grad_(True)
-                sig_f = similarity_to(self.index, to_image(model, x0f), near[fired_rows], cfg.alpha)
+                sig_f = similarity_to(self.index, model.decode(x0f, clamp=False), near[fired_rows], cfg.alpha)
                 grad = torch.autograd.grad(sig_f.sum(), x0f)[0]
             if cfg.grid > 0:
                 coarse = torch.nn.functional.adaptive_avg_pool2d(grad, cfg.grid)
@@ -216,8 +181,7 @@ class AMG:
         dup_rows = [r for r in fired_rows if s2[r] > 0 and with_text[r] and captions[r]]
         if dup_rows:  # caption deduplication: a third UNet branch on the neighbour's caption
             with torch.no_grad():
-                out = model.unet(x_t[dup_rows].to(model.dtype), s.t, model.encode([captions[r] for r in dup_rows])).sample
-            e_n = _to_eps(model, out.float(), x_t[dup_rows], a)
+                e_n = branch_eps(model, x_t[dup_rows], s.t, model.encode([captions[r] for r in dup_rows]), a)
             for q, r in enumerate(dup_rows):
                 change[r] -= s2[r] * (e_n[q] - s.eps_u[rows[r]])
         for r in fired_rows:

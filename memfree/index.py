@@ -9,16 +9,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import shutil
 import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from memfree.io import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EXACT_LIMIT = 200_000  # above this many vectors "auto" builds an approximate IVF+PQ index
@@ -148,12 +148,6 @@ def _check_spec(stored: dict, given: dict, where: str) -> None:
     diff = [f"{k} {stored.get(k)!r} (index) vs {given.get(k)!r} (given)" for k in keys if stored.get(k) != given.get(k)]
     if diff:
         raise IndexMismatchError(f"{where} was built with a different embedder: " + "; ".join(diff))
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class TrainingIndex:
@@ -310,35 +304,24 @@ def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, 
             raise IndexMismatchError(f"{where} was started with {old['count']} images in batches of "
                                      f"{old['batch_size']}, now {n} in batches of {batch_size}")
     else:
-        _atomic_write(shards / "build.json", lambda p: p.write_text(json.dumps(plan)))
+        atomic_write(shards / "build.json", lambda p: p.write_text(json.dumps(plan)))
     starts = range(0, n, batch_size)
     for b, start in enumerate(tqdm(starts, desc="embedding", unit="batch", disable=not progress)):
         shard = shards / f"{b:06d}.npy"
         if not shard.exists():
             vec = _embed(embedder, images, start, min(start + batch_size, n))
-            _atomic_write(shard, lambda p: _save_npy(p, vec))
+            atomic_write(shard, lambda p: _save_npy(p, vec))
     vectors = np.concatenate([np.load(shards / f"{b:06d}.npy") for b in range(len(starts))]).astype(np.float32)
     index, name, nprobe = _make_faiss(vectors, embedder.metric, factory)
     import faiss
     (out / "meta.json").unlink(missing_ok=True)  # an older index here is being replaced: no longer complete
-    _atomic_write(out / "index.faiss", lambda p: faiss.write_index(index, str(p)))
+    atomic_write(out / "index.faiss", lambda p: faiss.write_index(index, str(p)))
     lines = "".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in zip(ids, captions))
-    _atomic_write(out / "items.jsonl", lambda p: p.write_text(lines))
+    atomic_write(out / "items.jsonl", lambda p: p.write_text(lines))
     meta = {"format": 1, "embedder": embedder.spec(), "count": n, "factory": name, "nprobe": nprobe}
-    _atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     shutil.rmtree(shards)
     return TrainingIndex(embedder, index, ids, captions, name, nprobe, out)
-
-
-def _testbed_source(folder: Path) -> tuple[np.ndarray, list[str], list[str | None]]:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    with np.load(folder / "images.npz") as z:
-        images = z["images"]
-    counts: dict[int, Counter] = {}
-    for item in manifest.get("train", []):
-        counts.setdefault(int(item["image"]), Counter())[item["caption"]] += 1
-    captions = [counts[i].most_common(1)[0][0] if i in counts else None for i in range(len(images))]
-    return images, [str(i) for i in range(len(images))], captions
 
 
 def _read_captions(path: Path, names: list[str]) -> list[str | None]:
@@ -363,17 +346,13 @@ def _read_captions(path: Path, names: list[str]) -> list[str | None]:
 
 def load_image_source(images: str | Path, captions: str | Path | None = None
                       ) -> tuple[np.ndarray | list[Path], list[str], list[str | None]]:
-    """Images, ids and captions to index: a testbed data folder (or its manifest.json), or a folder of image files
-    with an optional captions file (.txt in sorted file order, or .jsonl/.csv with file and caption)."""
+    """Images, ids and captions to index from a folder of image files with an optional captions file (.txt in
+    sorted file order, or .jsonl/.csv with file and caption)."""
     path = Path(images)
     if not path.exists():
         raise ValueError(f"image source {path} does not exist")
-    if path.is_file() and path.name == "manifest.json":
-        path = path.parent
-    if path.is_dir() and (path / "manifest.json").exists() and (path / "images.npz").exists():
-        return _testbed_source(path)
     if not path.is_dir():
-        raise ValueError(f"image source {path} is neither a folder of images nor a testbed manifest.json")
+        raise ValueError(f"image source {path} is not a folder of images")
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")

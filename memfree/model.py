@@ -1,37 +1,73 @@
-"""Open a diffusers-layout text-to-image model from a local directory: a user's Stable Diffusion
-checkpoint (latent, with a VAE) or memfree's own pixel-space testbed, through the same code path.
+"""Open a diffusers-layout text-to-image model from a local directory, or by the name an installed package
+registered it under, through one code path: a user's Stable Diffusion checkpoint (latent, with a VAE) and a
+pixel-space model load the same way.
 
 Only local files are read and only safetensors weights are accepted, never pickles.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass, field
-from importlib import resources
+import os
+from dataclasses import dataclass, field, replace
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerDiscreteScheduler, UNet2DConditionModel)
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from memfree.settings import ModelSettings, read_settings
+
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler,
               "euler": EulerDiscreteScheduler}
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+ENTRY_POINT_GROUP = "memfree.models"   # a package registers a model as  name = "module:function"  (returns its folder)
+
+_registered: dict[str, Callable[[], Path]] = {}
 
 
 class ModelError(ValueError):
     """A model directory is missing, incomplete or holds something memfree will not load."""
 
 
-def bundled_model_path() -> Path:
-    """The testbed model that ships inside the package (the default of every command)."""
-    return Path(str(resources.files("memfree.testbed").joinpath("model")))
+def register_model(name: str, folder: str | Path | Callable[[], Path]) -> None:
+    """Make ``memfree.load(name)`` and ``--model name`` open ``folder`` (a path, or a function returning one)."""
+    _registered[name] = folder if callable(folder) else (lambda: Path(folder))
+
+
+def named_models() -> dict[str, Callable[[], Path]]:
+    """Models that can be opened by name: those registered by installed packages' entry points, then in code."""
+    found = {ep.name: (lambda ep=ep: Path(ep.load()())) for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return {**found, **_registered}
+
+
+def resolve_model(model: str | Path | None) -> tuple[Path, str | None]:
+    """A model folder and its name (None for a plain path). No argument means ``$MEMFREE_MODEL``, or else the
+    one named model installed."""
+    names = named_models()
+    if model is None:
+        model = os.environ.get("MEMFREE_MODEL")
+        if model is None:
+            if len(names) != 1:
+                which = f"installed: {', '.join(sorted(names))}" if names else "none is installed"
+                raise ModelError(f"no model given and no single named model to default to ({which}): "
+                                 "pass a model folder or name, or set MEMFREE_MODEL")
+            model = next(iter(names))
+    if isinstance(model, str) and model in names and not (Path(model) / "model_index.json").exists():
+        return names[model](), model   # a name, unless a model folder of that name is at hand
+    return Path(model), None
 
 
 @dataclass
 class Model:
-    """The parts of a text-to-image diffusion model that memfree samples from and probes."""
+    """The parts of a text-to-image diffusion model that memfree samples from and probes, and its settings.
+
+    The settings are frozen; ``with_settings`` gives a copy that shares the weights, so changing the steps of
+    one request never changes them for another.
+    """
 
     unet: UNet2DConditionModel
     text_encoder: CLIPTextModel
@@ -39,7 +75,8 @@ class Model:
     scheduler: DDIMScheduler
     vae: AutoencoderKL | None = None
     path: Path | None = None
-    defaults: dict = field(default_factory=dict)
+    name: str | None = None              # the name it was opened by, None when opened by path
+    settings: ModelSettings = field(default_factory=ModelSettings)
 
     @property
     def device(self) -> torch.device:
@@ -50,19 +87,32 @@ class Model:
         return self.unet.dtype
 
     @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def label(self) -> str:
+        """A name to show people: the registered name, or the folder's name (never a full path)."""
+        return self.name or (self.path.name if self.path is not None else "model")
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         """Shape (C, H, W) of x_t: latents for a VAE model, pixels for a pixel-space model."""
         s = self.unet.config.sample_size
         s = (s, s) if isinstance(s, int) else tuple(s)
         return (self.unet.config.in_channels, *s)
 
-    @property
-    def num_inference_steps(self) -> int:
-        return int(self.defaults.get("num_inference_steps", 50))
+    def with_settings(self, **changes) -> "Model":
+        """A copy with some settings changed (``num_inference_steps``, ``guidance_scale``, ``detection``)."""
+        return replace(self, settings=replace(self.settings, **changes))
 
-    @property
-    def guidance_scale(self) -> float:
-        return float(self.defaults.get("guidance_scale", 7.5))
+    def with_scheduler(self, name: str) -> "Model":
+        """A copy that samples with another sampler (``ddim``, ``ddpm``, ``dpm``, ``euler``), same noise schedule."""
+        return replace(self, scheduler=make_scheduler(name, self.scheduler.config))
+
+    def new_scheduler(self):
+        """A fresh scheduler of the model's kind and config: every sampling run steps one of its own."""
+        return type(self.scheduler).from_config(self.scheduler.config)
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids padded to the encoder's length; over-long prompts are cut (the caller warns)."""
@@ -75,15 +125,13 @@ class Model:
         ids = self.tokenize(prompts).to(self.device)
         return self.text_encoder(ids).last_hidden_state.to(self.dtype)
 
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Model space to images in [0, 1], (B, 3, H, W): through the VAE when there is one."""
+    def decode(self, x0: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Model space to images (B, 3, H, W) in [0, 1], through the VAE when there is one. ``clamp=False``
+        keeps out-of-range values, so that gradients pass (AMG's dissimilarity term)."""
         if self.vae is not None:
-            x0 = self.vae.decode(x0 / self.vae.config.scaling_factor).sample
-        return ((x0.float() + 1) / 2).clamp(0, 1)
-
-    def set_scheduler(self, name: str) -> None:
-        """Swap the sampler, keeping the trained noise schedule (``ddim``, ``ddpm``, ``dpm``, ``euler``)."""
-        self.scheduler = make_scheduler(name, self.scheduler.config)
+            x0 = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        images = (x0.float() + 1) / 2
+        return images.clamp(0, 1) if clamp else images
 
 
 def make_scheduler(name: str, config) -> DDIMScheduler:
@@ -94,7 +142,9 @@ def make_scheduler(name: str, config) -> DDIMScheduler:
 
 def _check_dir(path: Path) -> None:
     if not path.exists():
-        raise ModelError(f"model directory {path} does not exist")
+        names = sorted(named_models())
+        known = f" (named models: {', '.join(names)})" if names else ""
+        raise ModelError(f"model directory {path} does not exist, nor is it a named model{known}")
     if not path.is_dir():
         raise ModelError(f"{path} is not a directory; pass a diffusers-layout model directory")
     if not (path / "model_index.json").exists():
@@ -114,38 +164,47 @@ def _check_dir(path: Path) -> None:
                 raise ModelError(f"{path / part} holds no .safetensors weights{hint}")
 
 
-def _quiet_loaders() -> None:
-    """Silence the loaders' per-load chatter (accelerate hints, weight-loading bars)."""
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence the loaders' per-load chatter (accelerate hints, weight-loading bars) for this load only."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
-    dlog.set_verbosity_error(), tlog.set_verbosity_error()
-    dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    saved = [(log, log.get_verbosity(), log.is_progress_bar_enabled()) for log in (dlog, tlog)]
+    for log, _, _ in saved:
+        log.set_verbosity_error()
+        log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for log, level, bars in saved:
+            log.set_verbosity(level)
+            if bars:
+                log.enable_progress_bar()
 
 
-def load(path: str | Path | None = None, device: str | torch.device = "cpu",
+def load(model: str | Path | None = None, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32, scheduler: str = "ddim") -> Model:
-    """Load a local diffusers-layout model (default: the bundled testbed) for sampling and probing.
+    """Load a model for sampling and probing: a local diffusers-layout folder, or a named model.
 
-    Weights are read from safetensors only, with no network access; the sampler is rebuilt from the
-    stored scheduler config as ``scheduler`` (DDIM by default).
+    Without an argument: ``$MEMFREE_MODEL``, or the one named model installed. Weights are read from safetensors
+    only, with no network access; the sampler is rebuilt from the stored scheduler config as ``scheduler``.
     """
-    path = Path(path) if path is not None else bundled_model_path()
+    path, name = resolve_model(model)
     _check_dir(path)
     kw = dict(local_files_only=True, use_safetensors=True)
-    _quiet_loaders()
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-        vae = (AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
-               if (path / "vae").exists() else None)
-        stored = DDIMScheduler.load_config(path, subfolder="scheduler", local_files_only=True)
+        with _quiet_loading():
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+            vae = (AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
+                   if (path / "vae").exists() else None)
+            stored = DDIMScheduler.load_config(path, subfolder="scheduler", local_files_only=True)
+        settings = read_settings(path)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"could not load the model in {path}: {e}") from e
-    defaults = json.loads((path / "memfree.json").read_text()) if (path / "memfree.json").exists() else {}
-    model = Model(unet=unet.to(device).eval().requires_grad_(False),
-                  text_encoder=text_encoder.to(device).eval().requires_grad_(False),
-                  tokenizer=tokenizer, scheduler=make_scheduler(scheduler, stored),
-                  vae=vae.to(device).eval().requires_grad_(False) if vae is not None else None,
-                  path=path, defaults=defaults)
-    return model
+    return Model(unet=unet.to(device).eval().requires_grad_(False),
+                 text_encoder=text_encoder.to(device).eval().requires_grad_(False),
+                 tokenizer=tokenizer, scheduler=make_scheduler(scheduler, stored),
+                 vae=vae.to(device).eval().requires_grad_(False) if vae is not None else None,
+                 path=path, name=name, settings=settings)

@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memfree.denoise import alpha_bar, from_eps, guided_eps, predict_x0
 from memfree.model import Model
 
 
@@ -38,7 +38,7 @@ class StepState:
     @property
     def x0(self) -> torch.Tensor:
         """x̂0 implied by the current guided ε̂."""
-        return (self.x_t - (1 - self.alpha_bar).sqrt() * self.eps) / self.alpha_bar.sqrt()
+        return predict_x0(self.x_t, self.eps, self.alpha_bar)
 
     @property
     def score(self) -> torch.Tensor:
@@ -58,44 +58,10 @@ class SampleOutput:
     piece_seconds: float = 0.0                # wall time spent inside the pieces (what guidance costs)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images in [0, 1], (N, 3, H, W) or (3, H, W), to uint8 arrays in (…, H, W, 3) order for PIL."""
-    return (images.detach().float().clamp(0, 1) * 255).round().byte().movedim(-3, -1).cpu().numpy()
-
-
-def from_uint8(images: np.ndarray) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) to float (N, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-
-
-def from_uint8_signed(images: np.ndarray) -> torch.Tensor:
-    """uint8 images (N, H, W, 3) to float (N, 3, H, W) in [-1, 1], the range a pixel-space UNet sees."""
-    return from_uint8(images).mul(2).sub(1)
-
-
 def initial_noise(model: Model, seeds: Sequence[int]) -> torch.Tensor:
     """Unscaled Gaussian x_T, one independent CPU generator per seed so an image depends on its seed only."""
     shape = model.latent_shape
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
-def _to_eps(model: Model, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    kind = model.scheduler.config.prediction_type
-    if kind == "epsilon":
-        return out
-    if kind == "v_prediction":
-        return a.sqrt() * out + (1 - a).sqrt() * x
-    raise ValueError(f"prediction type {kind!r} is not supported (epsilon or v_prediction)")
-
-
-def _from_eps(model: Model, eps: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    if model.scheduler.config.prediction_type == "epsilon":
-        return eps
-    return (eps - (1 - a).sqrt() * x) / a.sqrt()
-
-
-def _alpha_bar(model: Model, t: torch.Tensor) -> torch.Tensor:
-    return model.scheduler.alphas_cumprod.to(model.device, torch.float32)[int(t)]
 
 
 def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0, *,
@@ -110,6 +76,8 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
     ``max_steps`` stops after that many steps without decoding (detection needs only the first few);
     ``images`` is then empty and ``x0`` holds the x̂0 of the last step taken.
     """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, not one string: sample(model, [prompt])")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
@@ -117,13 +85,17 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
     seeds = [seeds + i for i in range(n)] if isinstance(seeds, int) else list(seeds)
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} prompts")
-    steps = num_inference_steps or model.num_inference_steps
-    scale = model.guidance_scale if guidance_scale is None else guidance_scale
+    steps = model.settings.num_inference_steps if num_inference_steps is None else num_inference_steps
+    if steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be at least 1, got {max_steps}")
+    scale = model.settings.guidance_scale if guidance_scale is None else guidance_scale
     x_T = initial_noise(model, seeds) if latents is None else latents.float().cpu()
     if x_T.shape != (n, *model.latent_shape):
         raise ValueError(f"latents must have shape {(n, *model.latent_shape)}, got {tuple(x_T.shape)}")
 
-    sched = model.scheduler
+    sched = model.new_scheduler()   # this run's own: concurrent runs never share scheduler state
     images, finals, scores = [], [], []
     piece_seconds = 0.0
     run_steps = steps if max_steps is None else min(steps, max_steps)
@@ -140,12 +112,8 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
         last_x0 = None
         for k, t in enumerate(sched.timesteps):
             x_in = sched.scale_model_input(x, t)
-            with torch.no_grad():
-                out = model.unet(torch.cat([x_in, x_in]), t, torch.cat([uncond, cond])).sample
-            a = _alpha_bar(model, t)
-            out_u, out_c = out.float().chunk(2)
-            eps_u = _to_eps(model, out_u, x_in.float(), a)
-            eps_c = _to_eps(model, out_c, x_in.float(), a)
+            a = alpha_bar(sched, t, model.device)
+            eps_u, eps_c = guided_eps(model, x_in, t, uncond, cond, a)
             state = StepState(step=k, t=t, x_t=x_in.float(), eps_u=eps_u, eps_c=eps_c,
                               eps=eps_u + scale * (eps_c - eps_u), alpha_bar=a, cond=cond, uncond=uncond,
                               guidance_scale=scale, indices=idx, model=model)
@@ -159,7 +127,7 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
                 last_x0 = state.x0
                 bar.update(b)
                 break
-            model_out = _from_eps(model, state.eps, x_in.float(), a).to(model.dtype)
+            model_out = from_eps(model.prediction_type, state.eps, x_in.float(), a).to(model.dtype)
             x = sched.step(model_out, t, x, generator=step_generator).prev_sample
             bar.update(b)
         if last_x0 is not None:

@@ -1,4 +1,5 @@
-"""Nearest training image and AMG's normalised ℓ2 (nL2) for pixel-space models.
+"""Similarity of generations to their nearest training images: AMG's normalised ℓ2 (nL2) on pixels, and the
+cosine of a copy-detection embedding, over a :class:`memfree.index.TrainingIndex` or an exact pixel index.
 
 nL2 = ℓ2(x, n0) / (α · mean ℓ2(x, z) over the k nearest training images z), with k = 50 and
 α = 0.5 (Chen et al.). A generation is memorized when nL2 < 1.4: its nearest training image is much
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memfree.sampling import from_uint8
+from memfree.images import from_uint8
 
 NL2_THRESHOLD = 1.4
+COSINE_THRESHOLD = 0.5   # SSCD cosine above which a generation counts as a copy (AMG's Stable Diffusion setting)
 
 
 def normalised_l2(distances: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -63,3 +65,40 @@ class PixelIndex:
         d = self.distances(images)
         near, ids = d.topk(self.k, dim=1, largest=False)
         return Neighbours(ids=ids[:, 0], distance=near[:, 0], nl2=normalised_l2(near, self.alpha))
+
+
+def nearest(index, images: torch.Tensor, k: int = 50, alpha: float = 0.5
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """σ of each image (B,) to its nearest training image, and the neighbours' positions (B, k) in
+    the index (nearest first; k = 1 for a cosine index). No gradient: this is the per-step check."""
+    with torch.no_grad():
+        emb = index.embedder(images)
+        if index.embedder.metric == "cosine":
+            sim, ids = index.search(emb, 1)
+            return sim[:, 0].float(), ids
+        d, ids = index.search(emb, k)
+        return similarity_from_nl2(normalised_l2(d, alpha)), ids
+
+
+def similarity_to(index, images: torch.Tensor, ids: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """The same σ, differentiable in ``images``, against neighbours already found (``ids`` from
+    :func:`nearest`), recomputed from the index's stored vectors."""
+    emb = index.embedder(images)
+    near = index.vectors(ids).to(emb)                               # (B, k, D)
+    if index.embedder.metric == "cosine":
+        return torch.nn.functional.cosine_similarity(emb, near[:, 0], dim=1)
+    d = (emb[:, None, :] - near).norm(dim=-1)
+    return similarity_from_nl2(normalised_l2(d, alpha))
+
+
+def copy_threshold(metric: str) -> float:
+    """σ above which a generation counts as memorized: nL2 < 1.4 (σ > 0.3) for pixels, cosine > 0.5 otherwise."""
+    return 1 - NL2_THRESHOLD / 2 if metric == "l2" else COSINE_THRESHOLD
+
+
+def nearest_training(index, images: torch.Tensor, k: int = 50) -> list[dict]:
+    """For each image (B, 3, H, W) in [0, 1]: its nearest training item's id and caption, σ, and the verdict."""
+    sig, near = nearest(index, images, k)
+    limit = copy_threshold(index.embedder.metric)
+    return [{"id": index.ids[int(near[b, 0])], "caption": index.captions[int(near[b, 0])],
+             "similarity": float(sig[b]), "memorized": bool(sig[b] > limit)} for b in range(len(images))]

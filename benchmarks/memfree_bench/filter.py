@@ -16,9 +16,9 @@ import torch
 
 from memfree.mitigate import training_scores
 from memfree.model import Model
-from memfree.sampling import from_uint8_signed
-from memfree.testbed.bundle import load_testbed
-from memfree.testbed.train import train_scheduler
+from memfree.images import from_uint8_signed
+from memfree_testbed.bundle import load_testbed
+from memfree_testbed.train import train_scheduler
 
 
 def filter_rates(model: Model, thresholds=(1.0, 2.0, 3.0, 4.0, 6.0), samples: int = 1024, seed: int = 0,

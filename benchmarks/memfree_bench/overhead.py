@@ -36,8 +36,8 @@ def measure_overhead(model: Model, prompts: list[str], methods: list[str], repea
     if repeats < 1 or chunk < 1:
         raise ValueError("repeats and chunk must be at least 1")
     methods = ["none"] + [m for m in methods if m != "none"]
-    if any(m in AMG_METHODS for m in methods) and kwargs.get("train_index") is None:
-        kwargs["train_index"] = default_index(model)
+    if any(m in AMG_METHODS for m in methods) and kwargs.get("index") is None:
+        kwargs["index"] = default_index(model)
     starts = list(range(0, len(prompts), chunk))
     seconds = {m: [0.0] * repeats for m in methods}
     in_pieces = {m: [0.0] * repeats for m in methods}
@@ -48,7 +48,7 @@ def measure_overhead(model: Model, prompts: list[str], methods: list[str], repea
             for m in (methods if (r * len(starts) + c) % 2 == 0 else methods[::-1]):
                 t0 = time.perf_counter()
                 g = generate(model, prompts[lo:lo + chunk], m, seed=seed + lo, progress=False,
-                             batch_size=chunk, **(kwargs if m != "none" else {}))
+                             batch_size=chunk, **(kwargs if m in AMG_METHODS else {}))
                 seconds[m][r] += time.perf_counter() - t0
                 in_pieces[m][r] += g.piece_seconds
                 bar.update(1)

@@ -16,30 +16,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from memfree.detect import score_prompts, stored_threshold, threshold_at_fpr
+from memfree.denoise import guided_eps
+from memfree.detect import score_prompts, threshold_at_fpr
 from memfree.explain import explain, without_words
+from memfree.metrics import roc_auc, roc_points, tpr_at_fpr
 from memfree.model import Model
-from memfree.sampling import sample
-from memfree.testbed.bundle import load_testbed
-from memfree.testbed.render import caption
-
-
-def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Probability that a random positive outscores a random negative (ties count half)."""
-    pos, neg = np.asarray(pos, float)[:, None], np.asarray(neg, float)[None, :]
-    return float((pos > neg).mean() + 0.5 * (pos == neg).mean())
-
-
-def tpr_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float = 0.01) -> float:
-    """TPR at the largest-recall threshold whose FPR on the negatives stays at or below ``fpr``."""
-    return float((np.asarray(pos) > threshold_at_fpr(neg, fpr)).mean())
-
-
-def roc_points(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    thr = np.unique(np.concatenate([pos, neg]))[::-1]
-    fpr = np.array([0.0] + [(neg >= t).mean() for t in thr] + [1.0])
-    tpr = np.array([0.0] + [(pos >= t).mean() for t in thr] + [1.0])
-    return fpr, tpr
+from memfree.sampling import initial_noise, sample
+from memfree_testbed.bundle import load_testbed
+from memfree_testbed.render import caption
 
 
 def tiled_l2(a: torch.Tensor, b: torch.Tensor, tiles: int = 4) -> torch.Tensor:
@@ -66,15 +50,12 @@ def norm_alignment_scores(model: Model, prompts: list[str], seed: int = 0) -> np
     strong guidance direction that turns away from the unconditional prediction scores high. The
     paper's exact combination is not public in the material we have; this is labelled as ours.
     """
-    from memfree.sampling import initial_noise, _to_eps
     t = torch.tensor(model.scheduler.config.num_train_timesteps - 1)
     a = model.scheduler.alphas_cumprod[int(t)].float()
     x = initial_noise(model, [seed] * len(prompts)).to(model.device, model.dtype)
     cond = model.encode(prompts)
     uncond = model.encode([""]).expand(len(prompts), -1, -1)
-    with torch.no_grad():
-        out = model.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample.float()
-    eps_u, eps_c = (_to_eps(model, o, x.float(), a) for o in out.chunk(2))
+    eps_u, eps_c = guided_eps(model, x, t, uncond, cond, a)
     d = (eps_c - eps_u).flatten(1)
     cos = torch.nn.functional.cosine_similarity(d, eps_u.flatten(1), dim=1)
     return (d.norm(dim=1) * (1 - cos) / 2).numpy()
@@ -164,7 +145,7 @@ def run_bench(model: Model, out_json: str | Path | None = None, plot: str | Path
     positives, negatives = prompt_sets(tb, n_negative)
     neg_all = negatives["heldout"] + negatives["seen_once"]
     every = [p for v in positives.values() for p in v] + neg_all
-    full = model.num_inference_steps
+    full = model.settings.num_inference_steps
     scores: dict[tuple, np.ndarray] = {}
     seconds: dict[tuple, float] = {}
 
@@ -199,12 +180,12 @@ def run_bench(model: Model, out_json: str | Path | None = None, plot: str | Path
                          "negatives": "heldout+seen_once", "n_positive": len(pos), "n_negative": len(neg_all),
                          "auc": roc_auc(pos, neg_scores(key)), "tpr_at_1fpr": tpr_at_fpr(pos, neg_scores(key)),
                          "seconds_per_prompt": seconds[key]})
-    thr = stored_threshold(model)
+    thr = model.settings.threshold
     if thr is None:
         thr = threshold_at_fpr(neg_scores(("wen", 1, 1)), 0.01)
     memorized = [p for p in positives["verbatim"] + positives["caption_dup"]
                  if scores[("wen", 1, 1)][index[p]] > thr]
-    result = {"model": str(model.path), "rows": rows, "explain": deletion_eval(model, memorized, thr),
+    result = {"model": model.label, "rows": rows, "explain": deletion_eval(model, memorized, thr),
               "explain_gradient": deletion_eval(model, memorized, thr, method="gradient"),
               "notes": {"seconds_per_prompt": "all-steps rows share one run of the full sampler; the "
                         "one-generation all-steps time is that run's time divided by the generations"}}

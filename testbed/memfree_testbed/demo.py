@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from memfree.model import Model
-from memfree.sampling import to_uint8
+from memfree.images import to_uint8
 from memfree.similarity import NL2_THRESHOLD
-from memfree.testbed.bundle import load_testbed
-from memfree.testbed.report import evaluate_set
+from memfree_testbed.bundle import load_testbed
+from memfree_testbed.report import evaluate_set
 
 SECTIONS = (("verbatim", 8, "Verbatim: one photo under one caption, {n} times in training"),
             ("image_dup", 4, "Image duplication: one face under {n} different captions"),
@@ -55,8 +55,8 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
              "vertical-align:middle}.mem{color:#b00;font-weight:bold}.ok{color:#070}</style>",
              "<h1>memfree testbed: what the model copies</h1>",
              f"<p>Model <code>{html.escape(str(model.path))}</code>, "
-             f"{type(model.scheduler).__name__} {model.num_inference_steps} steps, guidance "
-             f"{model.guidance_scale}, seed {seed}. A generation is memorized when its nearest training image "
+             f"{type(model.scheduler).__name__} {model.settings.num_inference_steps} steps, guidance "
+             f"{model.settings.guidance_scale}, seed {seed}. A generation is memorized when its nearest training image "
              f"has nL2 &lt; {NL2_THRESHOLD} (AMG's normalised ℓ2).</p>"]
     summary = {}
     for name, n, title in SECTIONS:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from memfree.testbed.render import STYLES, all_compositions, caption, render
+from memfree_testbed.render import STYLES, all_compositions, caption, render
 
 COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
                  "retina", "colorwheel", "logo", "coins")
@@ -126,7 +126,7 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
                   verbatim_captions: str = "laion") -> dict:
     """Write images.npz and manifest.json into ``out_dir`` and return the manifest.
 
-    ``style`` names the drawing constants (memfree.testbed.render.STYLES); ``v3`` made the bundled model.
+    ``style`` names the drawing constants (memfree_testbed.render.STYLES); ``v3`` made the bundled model.
     ``verbatim_captions``: ``laion`` plants real verbatim-memorized Stable Diffusion captions, whose every
     word is foreign to the ordinary captions; ``named`` plants the caption of a seen composition followed
     by one painter's surname, so that the memorization can hang on a word or two (as Wen et al. find of

@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from memfree.guidance import AMG_METHODS
 from memfree.mitigate import METHODS, default_index, generate
 from memfree.model import Model
-from memfree.testbed.bundle import Testbed, load_testbed
-from memfree.testbed.probe import accuracy
-from memfree.sampling import from_uint8
+from memfree_testbed.bundle import Testbed, load_testbed
+from memfree_testbed.probe import accuracy
+from memfree.images import from_uint8
+from memfree.io import write_json
 from memfree.similarity import NL2_THRESHOLD, similarity_from_nl2
 
 SETS = ("verbatim", "image_dup", "caption_dup", "paraphrase", "heldout")
@@ -83,13 +84,12 @@ def evaluate_method(model: Model, tb: Testbed, method: str, name: str, seeds: li
     entries = tb.eval_sets[name]
     images, reports, seconds = [], [], 0.0
     for s in seeds:  # one request per seed: prompt i gets seed s·1000 + i, the same for every method
-        g = generate(model, [e["prompt"] for e in entries], method, seed=s * 1000, index=tb.index,
-                     progress=False, **kwargs)
+        g = generate(model, [e["prompt"] for e in entries], method, seed=s * 1000, progress=False, **kwargs)
         images.append(g.images), reports.extend(g.reports)
         seconds += g.seconds
     images = torch.cat(images)
     owners = [e for _ in seeds for e in entries]
-    nl2 = torch.tensor([r.nl2 for r in reports])
+    nl2 = tb.index.search(images).nl2
     sim = similarity_from_nl2(nl2).sort(descending=True).values
     top = max(1, int(round(0.05 * len(sim))))
     feats = _features(tb, images)
@@ -125,23 +125,20 @@ def _amg_stats(reports: list) -> dict:
             "fired_rate": {t: float(np.mean([bool(g["fired_steps"][t]) for g in logs])) for t in ("spe", "dup", "sim")}}
 
 
-def _save(path: Path, result: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, path)
-
-
 def run_bench(model: Model, json_out: str | Path, methods=DEFAULT_METHODS, sets=SETS, seeds=(0, 1, 2, 3),
-              plot: str | Path | None = None, progress: bool = True) -> dict:
-    """Run (or resume) the benchmark; rows already in ``json_out`` for the same settings are kept."""
+              plot: str | Path | None = None, progress: bool = True, options: dict[str, dict] | None = None) -> dict:
+    """Run (or resume) the benchmark; rows already in ``json_out`` for the same settings are kept.
+    ``options`` maps a method to its options (``{"wen": {"target_scale": 1.0}}``)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     tb = load_testbed(model)
-    extra = {"train_index": default_index(model)} if any(m in AMG_METHODS for m in methods) else {}
+    options = {m: dict(o) for m, o in (options or {}).items()}
+    index = default_index(model) if any(m in AMG_METHODS for m in methods) else None
     json_out = Path(json_out)
-    settings = {"seeds": list(seeds), "num_inference_steps": model.num_inference_steps,
-                "guidance_scale": model.guidance_scale, "target": (model.defaults.get("detection") or {}).get("threshold")}
+    settings = {"seeds": list(seeds), "num_inference_steps": model.settings.num_inference_steps,
+                "guidance_scale": model.settings.guidance_scale, "threshold": model.settings.threshold,
+                "options": options}
     result = {"settings": settings, "rows": []}
     if json_out.exists():
         old = json.loads(json_out.read_text())
@@ -150,11 +147,12 @@ def run_bench(model: Model, json_out: str | Path, methods=DEFAULT_METHODS, sets=
     done = {(r["method"], r["prompt_set"]) for r in result["rows"]}
     todo = [(m, s) for s in sets for m in (["none"] + [m for m in methods if m != "none"]) if (m, s) not in done]
     for m, s in tqdm(todo, desc="bench mitigate", disable=not progress):
-        result["rows"].append(evaluate_method(model, tb, m, s, list(seeds), **(extra if m in AMG_METHODS else {})))
+        kwargs = {**({"index": index} if m in AMG_METHODS else {}), **options.get(m, {})}
+        result["rows"].append(evaluate_method(model, tb, m, s, list(seeds), **kwargs))
         _ratios(result["rows"])
-        _save(json_out, result)
+        write_json(json_out, result)
     _ratios(result["rows"])
-    _save(json_out, result)
+    write_json(json_out, result)
     if plot:
         plot_rows(result["rows"], plot)
     return result

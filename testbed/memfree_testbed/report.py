@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 from memfree.model import Model
-from memfree.sampling import from_uint8, from_uint8_signed, sample
+from memfree.images import from_uint8, from_uint8_signed
+from memfree.sampling import sample
 from memfree.similarity import NL2_THRESHOLD
-from memfree.testbed.bundle import Testbed, load_testbed
-from memfree.testbed.probe import accuracy
-from memfree.testbed.render import ATTRIBUTES, Style, caption, render, style_of
+from memfree_testbed.bundle import Testbed, load_testbed
+from memfree_testbed.probe import accuracy
+from memfree_testbed.render import ATTRIBUTES, Style, caption, render, style_of
 
 
 def _targets(entry: dict) -> set[int]:
@@ -114,8 +115,8 @@ def testbed_report(model: Model, seeds: tuple[int, ...] = (0, 1, 2, 3), num_infe
     report = {
         "model": str(model.path), "seeds_per_prompt": len(seeds),
         "sampler": {"scheduler": type(model.scheduler).__name__,
-                    "num_inference_steps": num_inference_steps or model.num_inference_steps,
-                    "guidance_scale": model.guidance_scale},
+                    "num_inference_steps": num_inference_steps or model.settings.num_inference_steps,
+                    "guidance_scale": model.settings.guidance_scale},
         "nl2_threshold": NL2_THRESHOLD,
         "verbatim_memorization_rate": sets["verbatim"]["copy_rate"],
         "image_dup_memorization_rate": sets["image_dup"]["copy_rate"],

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from memfree.sampling import from_uint8, from_uint8_signed
-from memfree.testbed.data import load_dataset
+from memfree.images import from_uint8, from_uint8_signed
+from memfree_testbed.data import load_dataset
 from memfree.tokenizer import build_clip_tokenizer
 
 TEXT_DIM = 64
@@ -277,10 +277,11 @@ def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIP
 
 
 def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = False) -> dict:
-    """Attach the data set's ground truth and a freshly trained alignment probe to a testbed model."""
-    from memfree.testbed.bundle import attach_ground_truth
-    from memfree.testbed.probe import accuracy, save_probe, train_probe
-    from memfree.testbed.render import all_compositions, render, style_of
+    """Attach the data set's ground truth, a freshly trained alignment probe and the training-set index to a
+    testbed model."""
+    from memfree_testbed.bundle import attach_ground_truth
+    from memfree_testbed.probe import accuracy, save_probe, train_probe
+    from memfree_testbed.render import all_compositions, render, style_of
 
     root = attach_ground_truth(Path(model_dir), Path(data_dir))
     manifest = json.loads((root / "manifest.json").read_text())
@@ -297,4 +298,6 @@ def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = Fals
             "probe_train_seconds": round(time.perf_counter() - t0, 1),
             "probe_trained_on": "fresh renders of the training compositions only"}
     save_probe(probe, root, info)
+    from memfree_testbed.bundle import build_testbed_index
+    build_testbed_index(model_dir, progress=not quiet)
     return info

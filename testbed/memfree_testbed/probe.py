@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from memfree.sampling import from_uint8
-from memfree.testbed.render import ATTRIBUTES, STYLES, Style, render
+from memfree.images import from_uint8
+from memfree_testbed.render import ATTRIBUTES, STYLES, Style, render
 
 
 class Probe(nn.Module):

@@ -1,18 +1,27 @@
 """The testbed's ground truth, shipped next to its weights: unique training images, the manifest with
-the evaluation prompt sets, and the alignment probe. Lives in ``<model>/testbed/``.
+the evaluation prompt sets, and the alignment probe (in ``<model>/testbed/``), and its training-set index
+(in ``<model>/index/``, where memfree looks for a model's own index).
 """
 from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from memfree.index import PixelEmbedder, TrainingIndex, build_index
 from memfree.model import Model, ModelError
 from memfree.similarity import PixelIndex
-from memfree.testbed.probe import Probe, load_probe
+from memfree_testbed.probe import Probe, load_probe
+
+
+def model_dir() -> Path:
+    """The bundled testbed model (registered with memfree as the named model ``testbed``)."""
+    return Path(str(resources.files("memfree_testbed").joinpath("model")))
 
 
 @dataclass
@@ -54,3 +63,23 @@ def attach_ground_truth(model_dir: Path, data_dir: Path) -> Path:
     for name in ("images.npz", "manifest.json"):
         shutil.copyfile(Path(data_dir) / name, root / name)
     return root
+
+
+def training_items(images: np.ndarray, manifest: dict) -> tuple[list[str], list[str | None]]:
+    """Ids and captions of the unique training images: each image under the caption it was trained with most."""
+    counts: dict[int, Counter] = {}
+    for item in manifest.get("train", []):
+        counts.setdefault(int(item["image"]), Counter())[item["caption"]] += 1
+    captions = [counts[i].most_common(1)[0][0] if i in counts else None for i in range(len(images))]
+    return [str(i) for i in range(len(images))], captions
+
+
+def build_testbed_index(model_dir: str | Path, out_dir: str | Path | None = None, progress: bool = True) -> TrainingIndex:
+    """The pixel index of a testbed model's training images, written to ``<model>/index`` by default."""
+    root = Path(model_dir) / "testbed"
+    manifest = json.loads((root / "manifest.json").read_text())
+    with np.load(root / "images.npz") as z:
+        images = z["images"]
+    ids, captions = training_items(images, manifest)
+    return build_index(images, out_dir or Path(model_dir) / "index", PixelEmbedder(), ids=ids, captions=captions,
+                       progress=progress)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from memfree.bench.detect import roc_auc
-from memfree.testbed.data import load_dataset
-from memfree.testbed.render import render, style_of
+from memfree.metrics import roc_auc
+from memfree_testbed.data import load_dataset
+from memfree_testbed.render import render, style_of
 
 
 def prior_limit_separation(data_dir: str | Path, renders: int = 48, seed: int = 0) -> dict:

@@ -1,0 +1,118 @@
+"""The benchmark commands, added to the `memfree` command line through the ``memfree.cli`` entry points:
+`memfree bench detect|mitigate|filter|overhead`, all on a testbed model with its ground truth."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from memfree.cli import FriendlyGroup, load_model, model_option, parse_options, quiet_option, read_prompts
+from memfree.io import write_json, write_text
+
+
+@click.group(cls=FriendlyGroup)
+def bench() -> None:
+    """Benchmarks on the testbed."""
+
+
+@bench.command("mitigate")
+@model_option
+@click.option("--methods", default="none,wen,rta,rna,gni,cwr,amg,amg-strong", show_default=True,
+              help="Comma-separated methods; AMG ablations: amg-all-terms, amg-no-spe, amg-no-dup, amg-no-sim, amg-always, "
+                   "amg-const, amg-every, amg-screen.")
+@click.option("--sets", default="verbatim,image_dup,caption_dup,paraphrase,heldout", show_default=True,
+              help="Comma-separated prompt sets.")
+@click.option("--seeds", default=4, show_default=True, help="Seeds per prompt.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps (default: the model's).")
+@click.option("--opt", "opts", multiple=True, metavar="METHOD:KEY=VALUE",
+              help="An option of one method, e.g. --opt wen:target_scale=1.0; repeatable.")
+@click.option("--json", "json_out", default="bench-mitigate.json", show_default=True, metavar="OUT",
+              help="Results, written row by row; an interrupted run resumes from it.")
+@click.option("--plot", default="bench-mitigate.png", show_default=True, metavar="PNG")
+@click.option("--table", default="bench-mitigate.md", show_default=True, metavar="MD")
+@quiet_option
+def bench_mitigate(model_path, methods, sets, seeds, steps, opts, json_out, plot, table, quiet):
+    """Mitigations side by side on the testbed (MemBench-style): memorization, similarity, alignment,
+    Fréchet distance and cost."""
+    from memfree_bench.mitigate import format_table, run_bench
+    options: dict[str, dict] = {}
+    for o in opts:
+        method, sep, pair = o.partition(":")
+        if not sep:
+            raise click.UsageError(f"--opt {o!r}: write METHOD:KEY=VALUE, e.g. wen:target_scale=1.0")
+        options.setdefault(method, {}).update(parse_options(method, (pair,)))
+    model = load_model(model_path, steps=steps)
+    res = run_bench(model, json_out, [m.strip() for m in methods.split(",") if m.strip()],
+                    [s.strip() for s in sets.split(",") if s.strip()], tuple(range(seeds)), plot, not quiet, options)
+    text = format_table(res["rows"])
+    write_text(table, text + "\n")
+    click.echo(text)
+    click.echo(f"wrote {json_out}, {table}, {plot}")
+
+
+@bench.command("filter")
+@model_option
+@click.option("--thresholds", default="1,2,3,4,6", show_default=True, help="Comma-separated τ values.")
+@click.option("--samples", default=1024, show_default=True, help="Training samples to score.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_out", default=None, metavar="OUT")
+def bench_filter(model_path, thresholds, samples, seed, json_out):
+    """Would the training-time filter drop the planted samples? Scores per kind of training sample."""
+    from memfree_bench.filter import filter_rates, format_table
+    try:
+        taus = tuple(float(v) for v in thresholds.split(","))
+    except ValueError:
+        raise click.UsageError(f"--thresholds takes comma-separated numbers, got {thresholds!r}") from None
+    res = filter_rates(load_model(model_path), taus, samples, seed)
+    if json_out:
+        write_json(json_out, res)
+    click.echo(format_table(res))
+
+
+@bench.command("overhead")
+@model_option
+@click.option("--methods", default="amg,amg-every,amg-screen,wen", show_default=True)
+@click.option("--set", "prompt_set", default="heldout", show_default=True,
+              help="Testbed prompt set, or several joined by commas (a mixed set), or 'all'.")
+@click.option("--prompts", "prompts_file", default=None, metavar="FILE", help="Or a prompts file.")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--json", "json_out", default=None, metavar="OUT")
+@quiet_option
+def bench_overhead(model_path, methods, prompt_set, prompts_file, repeats, json_out, quiet):
+    """Time added by each mitigation over `none`: repeats interleaved batch by batch, median ratio."""
+    from memfree_bench.overhead import measure_overhead
+    model = load_model(model_path)
+    if prompts_file:
+        prompts = read_prompts((), prompts_file)
+    else:
+        from memfree_testbed.bundle import load_testbed
+        try:
+            prompts = load_testbed(model).prompts(prompt_set)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    res = measure_overhead(model, prompts, names, repeats, progress=not quiet)
+    res["prompt_set"] = prompts_file or prompt_set
+    if json_out:
+        write_json(json_out, res)
+    for r in res["rows"]:
+        click.echo(f"{r['method']:>12}  {r['seconds_per_image']:.3f} s/image  ×{r['overhead_ratio']:.3f} none  "
+                   f"(rounds: {', '.join(f'{x:.3f}' for x in r['ratios'])})  "
+                   f"in pieces {100 * r['piece_share']:.1f}% of none")
+
+
+@bench.command("detect")
+@model_option
+@click.option("--json", "json_out", default="bench-detect.json", show_default=True, metavar="OUT")
+@click.option("--plot", default="bench-detect-roc.png", show_default=True, metavar="PNG")
+@click.option("--negatives", default=100, show_default=True, help="Prompts per negative set.")
+@quiet_option
+def bench_detect(model_path, json_out, plot, negatives, quiet):
+    """Detectors side by side: AUC, TPR@1%FPR and seconds per prompt; explanation by deletion."""
+    from memfree_bench.detect import format_table, run_bench
+    res = run_bench(load_model(model_path), json_out, plot, n_negative=negatives, progress=not quiet)
+    click.echo(format_table(res))
+    click.echo(f"wrote {json_out} and {plot}")
+
+
