@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from memfree.model import Model
 from memfree.prompts import warn_truncated

@@ -7,6 +7,15 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def user_home(tmp_path_factory, monkeypatch):
+    """memfree's per-user files (calibration sidecars) go to a fresh folder, never to the real home."""
+    home = tmp_path_factory.mktemp("memfree_home")
+    monkeypatch.setenv("MEMFREE_HOME", str(home))
+    monkeypatch.delenv("MEMFREE_MODEL", raising=False)
+    return home
+
+
 def build_tiny_sd(path, prediction_type: str = "epsilon"):
     """Save a tiny SD-1.x-shaped pipeline (UNet, VAE, CLIP text encoder, real CLIP tokenizer) to ``path``."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel

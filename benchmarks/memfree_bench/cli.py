@@ -2,8 +2,6 @@
 `memfree bench detect|mitigate|filter|overhead`, all on a testbed model with its ground truth."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import click
 

@@ -20,8 +20,6 @@ Rows are appended to the JSON file as they finish; running again with the same f
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +169,7 @@ def format_table(rows: list[dict]) -> str:
             "| s/image | × none |")
     lines = [head, "|" + "---|" * 10]
     for r in sorted(rows, key=lambda r: (SETS.index(r["prompt_set"]) if r["prompt_set"] in SETS else 99,
-                                         METHODS.index(r["method"]) if r["method"] in METHODS else 99)):
+                                         list(METHODS).index(r["method"]) if r["method"] in METHODS else 99)):
         ratio = "" if r.get("overhead_ratio") is None else f"{r['overhead_ratio']:.2f}"
         lines.append(f"| {r['method']} | {r['prompt_set']} | {r['memorization_rate']:.3f} | {r['top5_similarity']:.3f} "
                      f"| {r['top1_similarity']:.3f} | {r['alignment']:.3f} | {r['frechet']:.2f} | {r.get('applied_rate', 0):.2f} "

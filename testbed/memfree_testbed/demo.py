@@ -54,7 +54,7 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
              "<style>body{font-family:sans-serif;max-width:960px;margin:auto}td{padding:4px 10px;"
              "vertical-align:middle}.mem{color:#b00;font-weight:bold}.ok{color:#070}</style>",
              "<h1>memfree testbed: what the model copies</h1>",
-             f"<p>Model <code>{html.escape(str(model.path))}</code>, "
+             f"<p>Model <code>{html.escape(model.label)}</code>, "
              f"{type(model.scheduler).__name__} {model.settings.num_inference_steps} steps, guidance "
              f"{model.settings.guidance_scale}, seed {seed}. A generation is memorized when its nearest training image "
              f"has nL2 &lt; {NL2_THRESHOLD} (AMG's normalised ℓ2).</p>"]

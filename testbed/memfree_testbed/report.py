@@ -113,7 +113,7 @@ def testbed_report(model: Model, seeds: tuple[int, ...] = (0, 1, 2, 3), num_infe
     probe = probe_accuracy(tb)
     influence = word_influence(model, tb.manifest["heldout_compositions"][:40], style_of(tb.manifest))
     report = {
-        "model": str(model.path), "seeds_per_prompt": len(seeds),
+        "model": model.label, "seeds_per_prompt": len(seeds),
         "sampler": {"scheduler": type(model.scheduler).__name__,
                     "num_inference_steps": num_inference_steps or model.settings.num_inference_steps,
                     "guidance_scale": model.settings.guidance_scale},

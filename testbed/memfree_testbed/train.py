@@ -89,6 +89,25 @@ def _part(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor
     return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
 
 
+def draw_batch(step: int, seed: int, pixels: torch.Tensor, image_ids: torch.Tensor, ids_all: torch.Tensor,
+               empty_ids: torch.Tensor, batch_size: int, caption_dropout: float, scheduler, device: str
+               ) -> tuple[torch.Tensor, ...]:
+    """Training step ``step``'s batch, noised: (x_t, noise, t, token ids, picked items, caption dropped). It
+    depends on the seed and the step alone (a generator per step), so a resumed run draws exactly what an
+    uninterrupted one would."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    pick = torch.randint(0, len(image_ids), (batch_size,), generator=g)
+    x0 = pixels[image_ids[pick]]
+    ids = ids_all[pick].clone()
+    drop = torch.rand(batch_size, generator=g) < caption_dropout
+    ids[drop] = empty_ids
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+    x0 = x0.to(device).contiguous(memory_format=torch.channels_last)
+    noise, t, ids = noise.to(device), t.to(device), ids.to(device)
+    return scheduler.add_noise(x0, noise, t), noise, t, ids, pick, drop
+
+
 def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_size: int = 32,
           lr: float = 1e-3, seed: int = 0, caption_dropout: float = 0.1, ema_decay: float = 0.999,
           checkpoint_every: int = 200, log_every: int = 50, quiet: bool = False, keep_mask_fn=None,
@@ -173,17 +192,8 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
     running = None
     for step in bar:
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # per-step stream: exact resume
-        pick = torch.randint(0, len(items), (batch_size,), generator=g)
-        x0 = pixels[image_ids[pick]]
-        ids = ids_all[pick].clone()
-        drop = torch.rand(batch_size, generator=g) < caption_dropout
-        ids[drop] = empty_ids
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
-        x0 = x0.to(device).contiguous(memory_format=torch.channels_last)
-        noise, t, ids = noise.to(device), t.to(device), ids.to(device)
-        x_t = scheduler.add_noise(x0, noise, t)
+        x_t, noise, t, ids, pick, drop = draw_batch(step, seed, pixels, image_ids, ids_all, empty_ids, batch_size,
+                                        caption_dropout, scheduler, device)
         cond = text_encoder(ids).last_hidden_state
         pred = unet(x_t, t, cond).sample
         per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))

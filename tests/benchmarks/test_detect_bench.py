@@ -7,7 +7,7 @@ import torch
 
 import memfree
 from memfree.detect import score_prompts
-from memfree.bench.detect import (attention_entropy_scores, carlini_scores, deletion_eval, norm_alignment_scores,
+from memfree_bench.detect import (attention_entropy_scores, carlini_scores, deletion_eval, norm_alignment_scores,
                                   roc_auc, tiled_l2, tpr_at_fpr)
 
 

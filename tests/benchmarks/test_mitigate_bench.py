@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memfree
-from memfree.bench.mitigate import format_table, frechet_distance, run_bench
+from memfree_bench.mitigate import format_table, frechet_distance, run_bench
 from memfree.similarity import similarity_from_nl2
 
 
@@ -27,7 +27,7 @@ def test_similarity_is_one_for_a_copy_and_point_three_at_the_threshold():
 
 def test_rows_on_the_bundled_testbed_and_resume(tmp_path):
     model = memfree.load()
-    model.defaults["num_inference_steps"] = 2           # a smoke-sized run: the figures are not the point
+    model = model.with_settings(num_inference_steps=2)           # a smoke-sized run: the figures are not the point
     out = tmp_path / "m.json"
     res = run_bench(model, out, methods=("none", "rna"), sets=("caption_dup", "heldout"), seeds=(0,),
                     plot=tmp_path / "m.png", progress=False)
@@ -67,8 +67,8 @@ def test_unknown_method_is_an_error(tmp_path):
 
 
 def test_filter_bench_counts_keep_rates_per_kind():
-    from memfree.bench.filter import filter_rates
-    model = memfree.load(memfree.model.bundled_model_path())
+    from memfree_bench.filter import filter_rates
+    model = memfree.load("testbed")
     res = filter_rates(model, thresholds=(0.0, 1.0, 3.0, 1e9), samples=96, batch_size=48)
     rows = {r["kind"]: r for r in res["rows"]}
     assert "ordinary" in rows and "verbatim" in rows
@@ -80,9 +80,9 @@ def test_filter_bench_counts_keep_rates_per_kind():
 
 
 def test_overhead_bench_interleaves_and_takes_ratios_to_none(tiny_sd_path):
-    from memfree.bench.overhead import measure_overhead
+    from memfree_bench.overhead import measure_overhead
     model = memfree.load(tiny_sd_path)
-    model.defaults["num_inference_steps"] = 2
+    model = model.with_settings(num_inference_steps=2)
     res = measure_overhead(model, ["a cat", "a dog", "a fox"], ["rna", "none"], repeats=2, chunk=2, progress=False)
     rows = {r["method"]: r for r in res["rows"]}
     assert list(rows) == ["none", "rna"] and res["repeats"] == 2 and res["chunk"] == 2
@@ -96,7 +96,7 @@ def test_overhead_bench_interleaves_and_takes_ratios_to_none(tiny_sd_path):
 def test_a_chunk_with_its_offset_seed_makes_the_same_images_as_the_whole_request(tiny_sd_path):
     from memfree.mitigate import generate
     model = memfree.load(tiny_sd_path)
-    model.defaults["num_inference_steps"] = 2
+    model = model.with_settings(num_inference_steps=2)
     prompts = ["a cat", "a dog", "a fox"]
     whole = generate(model, prompts, "none", seed=5, progress=False).images
     tail = generate(model, prompts[1:], "none", seed=6, progress=False).images

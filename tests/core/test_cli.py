@@ -1,5 +1,6 @@
 """The command line: clear one-line errors for bad input, and working commands on a real-layout model."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,11 @@ def test_generate_and_detect_json(tmp_path, tiny_sd_path):
                             "--out", str(tmp_path / "out"), "--json", "--quiet"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)["images"]
-    assert [x["seed"] for x in rows] == [0, 1] and all((tmp_path / "out" / f"000{i}.png").exists() for i in (0, 1))
+    assert [x["seed"] for x in rows] == [0, 1] and all(Path(x["image"]).exists() for x in rows)
+    assert all(json.loads(Path(x["image"]).with_suffix(".json").read_text())["seed"] == x["seed"] for x in rows)
+    again = runner.invoke(cli, ["generate", "a cat", "--seed", "7", "--model", str(tiny_sd_path), "--steps", "2",
+                                "--out", str(tmp_path / "out"), "--json", "--quiet"])
+    assert again.exit_code == 0 and len(list((tmp_path / "out").glob("*.png"))) == 3   # a second run adds, never replaces
     r = runner.invoke(cli, ["detect", "a cat", "--model", str(tiny_sd_path), "--json", "--quiet"])
     assert r.exit_code == 0, r.output
     det = json.loads(r.output)[0]
@@ -59,10 +64,12 @@ def test_explain_json_matches_the_api_for_both_methods(tiny_sd_path):
 def test_generate_passes_wens_target_and_iteration_cap(tmp_path, tiny_sd_path):
     runner = CliRunner()
     args = ["generate", "a cat", "a dog", "--model", str(tiny_sd_path), "--steps", "2", "--mitigation", "wen",
-            "--target", "1e-6", "--out", str(tmp_path / "out"), "--json", "--quiet"]
-    r = runner.invoke(cli, args + ["--max-iters", "2"])
+            "--opt", "target=1e-6", "--out", str(tmp_path / "out"), "--json", "--quiet"]
+    r = runner.invoke(cli, args + ["--opt", "max_iters=2"])
     assert r.exit_code == 0, r.output
     rows = json.loads(r.output)["images"]
     assert [x["applied"] for x in rows] == [True, True] and [x["iterations"] for x in rows] == [2, 2]
-    r = runner.invoke(cli, args + ["--max-iters", "0"])
-    assert r.exit_code == 2 and "--max-iters" in r.output
+    r = runner.invoke(cli, args + ["--opt", "max_iters=-1"])
+    assert r.exit_code == 1 and "max_iters must be at least 0" in r.output
+    r = runner.invoke(cli, args + ["--opt", "max_iter=2"])
+    assert r.exit_code == 2 and "max_iters" in r.output

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 import memfree
-from memfree.detect import calibrate, detect, read_prompt_file, score_prompts, threshold_at_fpr
-from memfree.sampling import initial_noise
+from memfree.detect import calibrate, detect, score_prompts, threshold_at_fpr
+from memfree.prompts import read_prompt_file
 
 
 def _reference_scores(model, prompt, seeds, steps):
     """‖ε_c − ε_u‖₂ per image along the CFG trajectory, written out plainly with the stock scheduler API."""
     from diffusers import DDIMScheduler
     sched = DDIMScheduler.from_config(model.scheduler.config)
-    sched.set_timesteps(model.num_inference_steps)
+    sched.set_timesteps(model.settings.num_inference_steps)
     ids = model.tokenizer([prompt, ""], padding="max_length", max_length=77, truncation=True,
                           return_tensors="pt").input_ids
     with torch.no_grad():
@@ -29,14 +29,14 @@ def _reference_scores(model, prompt, seeds, steps):
                 e_c = model.unet(x, t, emb[:1]).sample
                 e_u = model.unet(x, t, emb[1:]).sample
             row.append(float((e_c - e_u).flatten().norm()))
-            x = sched.step(e_u + model.guidance_scale * (e_c - e_u), t, x).prev_sample
+            x = sched.step(e_u + model.settings.guidance_scale * (e_c - e_u), t, x).prev_sample
         out.append(row)
     return np.array(out)
 
 
 def test_scores_match_an_independent_loop(tiny_sd_path):
     model = memfree.load(tiny_sd_path)
-    model.defaults["num_inference_steps"] = 5
+    model = model.with_settings(num_inference_steps=5)
     got = score_prompts(model, ["a photo of a cat", "a dog on a sofa"], steps=3, generations=2, seed=10,
                         progress=False)
     assert got.shape == (2, 2, 3)

@@ -25,7 +25,7 @@ def test_significance_is_the_gradient_norm(tiny_sd_path):
     ids = model.tokenize([prompt, ""])
     emb = model.text_encoder(ids).last_hidden_state.detach()
     x = torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(0))[None]
-    model.scheduler.set_timesteps(model.num_inference_steps)
+    model.scheduler.set_timesteps(model.settings.num_inference_steps)
     t = model.scheduler.timesteps[0]
     e = emb[:1].clone().requires_grad_(True)
     with torch.no_grad():

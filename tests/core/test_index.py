@@ -143,21 +143,7 @@ def test_ivfpq_recall(tmp_path, torchscript_path):
     assert recall >= 0.5, recall
 
 
-def write_testbed(folder, n=3):
-    folder.mkdir()
-    np.savez(folder / "images.npz", images=random_images(n))
-    train = [{"image": 0, "caption": "a", "kind": "ordinary"}, {"image": 0, "caption": "b", "kind": "verbatim"},
-             {"image": 0, "caption": "b", "kind": "verbatim"}, {"image": 1, "caption": "c", "kind": "image_dup"},
-             {"image": 1, "caption": "d", "kind": "image_dup"}]
-    (folder / "manifest.json").write_text(json.dumps({"train": train}))
-    return folder
-
-
 def test_load_image_source(tmp_path):
-    folder = write_testbed(tmp_path / "tb")
-    for source in (folder, folder / "manifest.json"):
-        images, ids, caps = load_image_source(str(source), None)
-        assert images.shape == (3, 32, 32, 3) and ids == ["0", "1", "2"] and caps == ["b", "c", None]
     pngs = tmp_path / "pngs"
     pngs.mkdir()
     for name in ("b.png", "a.png", "c.png"):
@@ -180,8 +166,14 @@ def test_load_image_source(tmp_path):
 
 
 def test_cli_index_build(tmp_path):
-    folder = write_testbed(tmp_path / "tb")
-    r = CliRunner().invoke(cli, ["index", "build", "--images", str(folder), "--out", str(tmp_path / "ix"), "--quiet"])
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(random_images(3)):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"file": f"{i}.png", "caption": c}) + "\n"
+                                                 for i, c in enumerate(["b", "c"])))
+    r = CliRunner().invoke(cli, ["index", "build", "--images", str(folder), "--captions", str(tmp_path / "caps.jsonl"),
+                                 "--out", str(tmp_path / "ix"), "--quiet"])
     assert r.exit_code == 0, r.output
     assert "3 images" in r.output and "dim 3072" in r.output and "SQ8_direct" in r.output
     idx = TrainingIndex.load(tmp_path / "ix")

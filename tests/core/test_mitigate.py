@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import memfree
-from memfree.mitigate import (caption_word_repetition, first_step_scores, gaussian_noise, generate, keep_mask,
-                              random_number_addition, random_token_addition)
+from memfree.mitigate import generate, keep_mask
+from memfree.mitigate.baselines import (caption_word_repetition, gaussian_noise, random_number_addition,
+                                        random_token_addition)
+from memfree.mitigate.wen import first_step_scores, optimise_embeddings
 from memfree.sampling import initial_noise, sample
 
 PROMPTS = ["a photo of a cat", "a dog on a sofa", "mountains at night"]
@@ -15,7 +17,7 @@ PROMPTS = ["a photo of a cat", "a dog on a sofa", "mountains at night"]
 @pytest.fixture()
 def model(tiny_sd_path):
     m = memfree.load(tiny_sd_path)
-    m.defaults["num_inference_steps"] = 4
+    m = m.with_settings(num_inference_steps=4)
     return m
 
 
@@ -51,7 +53,7 @@ def test_wen_brings_flagged_scores_under_target_and_leaves_the_rest_identical(mo
 def test_wen_with_a_target_under_the_threshold_still_leaves_passed_prompts_identical(model):
     base = generate(model, PROMPTS, "none", seed=3, progress=False)
     scores = sorted(r.score_before for r in base.reports)
-    model.defaults["detection"] = {"threshold": (scores[0] + scores[1]) / 2}
+    model = model.with_settings(detection={"threshold": (scores[0] + scores[1]) / 2})
     target = scores[0] / 2                         # under every prompt's score, and under the threshold
     g = generate(model, PROMPTS, "wen", seed=3, target=target, max_iters=3, lr=0.5, progress=False)
     applied = [r.applied for r in g.reports]
@@ -65,7 +67,6 @@ def test_wen_with_a_target_under_the_threshold_still_leaves_passed_prompts_ident
 
 
 def test_wen_with_several_noises_scores_the_root_mean_square_over_them(model):
-    from memfree.mitigate import optimise_embeddings
     embeds = model.encode(PROMPTS[:2]).float()
     x_T, extra = initial_noise(model, [1, 2]), initial_noise(model, [11, 12, 21, 22]).view(2, 2, *model.latent_shape)
     start = first_step_scores(model, embeds, x_T)[0]

@@ -1,6 +1,6 @@
 import pytest
 
-from memfree.testbed.data import build_dataset, load_dataset
+from memfree_testbed.data import build_dataset, load_dataset
 
 
 @pytest.fixture(scope="session")

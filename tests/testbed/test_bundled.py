@@ -5,13 +5,14 @@ and it really copies its planted photographs while held-out prompts and the empt
 The full figures come from `memfree testbed report` (README); the test checks one seed of them."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import memfree
 from memfree.detect import detect
-from memfree.sampling import from_uint8
-from memfree.testbed.bundle import load_testbed
-from memfree.testbed.probe import accuracy
+from memfree.images import from_uint8
+from memfree_testbed.bundle import load_testbed, model_dir
+from memfree_testbed.probe import accuracy
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def bundled():
 
 def test_bundled_model_loads_through_the_common_path(bundled):
     model, tb = bundled
-    assert model.path == memfree.bundled_model_path()
+    assert model.path == model_dir() and model.name == "testbed" and model.label == "testbed"
     assert model.vae is None and model.latent_shape == (3, 32, 32)
     assert type(model.scheduler).__name__ == "DDIMScheduler"
     assert len(tb.index) == tb.images.shape[0] == tb.manifest["counts"]["unique_images"]
@@ -42,13 +43,13 @@ def test_shipped_threshold_is_calibrated_at_one_percent(bundled):
     prompts = (Path(model.path) / "testbed" / "calibration_prompts.txt").read_text().split("\n")
     prompts = [p for p in prompts if p]
     res = detect(model, prompts, progress=False, batch_size=64)
-    assert res[0].threshold == model.defaults["detection"]["threshold"]
+    assert res[0].threshold == model.settings.threshold
     assert sum(r.memorized for r in res) <= 0.01 * len(prompts)
     assert sum(r.score >= res[0].threshold for r in res) >= 0.01 * len(prompts) - 1  # and not looser than needed
 
 
 def test_it_copies_planted_photos_and_not_held_out_prompts(bundled):
-    from memfree.testbed.report import evaluate_set
+    from memfree_testbed.report import evaluate_set
     model, tb = bundled
     verbatim = evaluate_set(model, tb, tb.eval_sets["verbatim"], [0], progress=False)
     heldout = evaluate_set(model, tb, tb.eval_sets["heldout"][:25], [0], progress=False)
@@ -61,11 +62,11 @@ def test_explanation_finds_the_words_a_named_caption_hangs_on(bundled):
     """v6 plants each photo under an ordinary caption plus a painter's name, so the memorization hangs
     on a word or two: occlusion's top word beats a random one, and deleting the top two brings the
     caption under the threshold (issue 3's deletion targets; 20 of 20 named captions in the benchmark)."""
-    from memfree.bench.detect import deletion_eval
+    from memfree_bench.detect import deletion_eval
     model, tb = bundled
     assert tb.manifest["verbatim_captions"] == "named"
     prompts = tb.prompts("verbatim")[:6]
-    res = deletion_eval(model, prompts, model.defaults["detection"]["threshold"])
+    res = deletion_eval(model, prompts, model.settings.threshold)
     assert res["prompts"] == 6
     assert res["deletion_top1_win_rate"] >= 5 / 6
     assert res["deletion_top2_flip_rate"] >= 5 / 6
@@ -76,8 +77,8 @@ def test_word_influence_shows_the_bundled_model_reads_every_attribute_word(bundl
     """Swapping any attribute's word moves ε, position included: the bundled model was trained with
     token embeddings initialised at 1.0; at CLIP's 0.02 position stayed at 0.1 against colour's 3.3
     (README, "Position words")."""
-    from memfree.testbed.render import style_of
-    from memfree.testbed.report import word_influence
+    from memfree_testbed.render import style_of
+    from memfree_testbed.report import word_influence
     model, tb = bundled
     influence = word_influence(model, tb.manifest["heldout_compositions"][:16], style_of(tb.manifest))
     assert set(influence) == {"shape", "colour", "position", "background", "size"}
@@ -107,3 +108,31 @@ def test_prompt_sets_join_into_a_mixed_set(bundled):
     for bad in ("verbatim,nope", ",", ""):
         with pytest.raises(ValueError, match="unknown prompt set"):
             tb.prompts(bad)
+
+
+def test_calibrating_the_bundled_model_leaves_the_installed_package_unchanged(bundled, user_home):
+    from memfree.detect import calibrate
+    model, _ = bundled
+    files = lambda: {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir().rglob("*") if p.is_file()}
+    before = files()
+    prompts = (Path(model.path) / "testbed" / "calibration_prompts.txt").read_text().split("\n")[:40]
+    entry = calibrate(model, prompts, fpr=0.05, progress=False)
+    assert files() == before
+    assert Path(entry["saved_to"]).is_relative_to(user_home)
+    assert memfree.load("testbed").settings.threshold == entry["threshold"]
+    assert memfree.load("testbed").settings.threshold != model.settings.threshold   # the shipped one is untouched
+
+
+def test_the_testbed_index_holds_each_image_under_its_most_trained_caption(tmp_path):
+    import json
+    from memfree.index import TrainingIndex
+    from memfree_testbed.bundle import build_testbed_index
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    train = [{"image": 0, "caption": "a", "kind": "ordinary"}, {"image": 0, "caption": "b", "kind": "verbatim"},
+             {"image": 0, "caption": "b", "kind": "verbatim"}, {"image": 1, "caption": "c", "kind": "image_dup"}]
+    (tmp_path / "testbed").mkdir()
+    np.savez(tmp_path / "testbed" / "images.npz", images=images)
+    (tmp_path / "testbed" / "manifest.json").write_text(json.dumps({"train": train}))
+    build_testbed_index(tmp_path, progress=False)
+    idx = TrainingIndex.load(tmp_path / "index")
+    assert idx.ids == ["0", "1", "2"] and idx.captions == ["b", "c", None] and idx.factory == "SQ8_direct"

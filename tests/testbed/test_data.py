@@ -6,7 +6,7 @@ from importlib import resources
 import numpy as np
 import pytest
 
-from memfree.testbed.data import build_dataset, load_dataset
+from memfree_testbed.data import build_dataset, load_dataset
 
 
 def test_sizes_and_planted_groups(testbed_data):
@@ -69,9 +69,9 @@ def test_v3_style_changes_the_drawing_only(testbed_data, testbed_data_v3):
     """v3 keeps every caption, id and evaluation set of v2; its ordinary images move the data mean
     less (smaller shapes, greyer backgrounds), its planted photos are contrast-stretched, and fresh
     renders of prompts still do not pass for memorized copies."""
-    from memfree.sampling import from_uint8
+    from memfree.images import from_uint8
     from memfree.similarity import PixelIndex
-    from memfree.testbed.render import STYLES, render, style_of
+    from memfree_testbed.render import STYLES, render, style_of
 
     _, images2, m2 = testbed_data
     _, images3, m3 = testbed_data_v3
@@ -92,7 +92,7 @@ def test_v3_style_changes_the_drawing_only(testbed_data, testbed_data_v3):
 def test_v3_separates_planted_from_ordinary_prompts_at_the_prior_limit(testbed_data, testbed_data_v3):
     """The design goal of v3: a perfect model's first-step score can tell planted photos from ordinary
     prompts (v2 could not: its ordinary captions pull as far from the data mean as a photo)."""
-    from memfree.testbed.separation import prior_limit_separation
+    from memfree_testbed.separation import prior_limit_separation
     v2 = prior_limit_separation(testbed_data[0], renders=16)
     v3 = prior_limit_separation(testbed_data_v3[0], renders=16)
     assert v2["auc"]["verbatim"] < 0.75 and v2["auc"]["image_dup"] < 0.75
@@ -103,7 +103,7 @@ def test_v3_separates_planted_from_ordinary_prompts_at_the_prior_limit(testbed_d
 def test_render_counts_keep_every_composition_and_some_seen_once():
     """Up to two renders each the extras go to distinct compositions (the v3 data); past that they are
     drawn with replacement, and some compositions stay at one render so the seen-once set exists."""
-    from memfree.testbed.data import render_counts
+    from memfree_testbed.data import render_counts
 
     few = render_counts(1440, 2400, np.random.default_rng(0))
     assert sum(few) == 2400 and set(few) == {1, 2} and few.count(2) == 960
@@ -118,7 +118,7 @@ def test_named_verbatim_captions_hang_on_one_rare_word(testbed_data, tmp_path):
     """``named`` changes only the verbatim captions (and the paraphrases made from them): each is a
     seen composition's caption plus one surname that no other training caption holds, so deleting
     that one word leaves an ordinary training caption."""
-    from memfree.testbed.data import NAMES
+    from memfree_testbed.data import NAMES
 
     _, images, m = testbed_data
     build_dataset(tmp_path / "named", seed=0, verbatim_captions="named")

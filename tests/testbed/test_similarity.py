@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from memfree.similarity import PixelIndex
-from memfree.sampling import from_uint8
-from memfree.testbed.render import render, style_of
+from memfree.images import from_uint8
+from memfree_testbed.render import render, style_of
 
 
 def test_training_images_are_their_own_neighbours(testbed_data):

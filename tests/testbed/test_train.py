@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 import memfree
 from memfree.sampling import sample
-from memfree.testbed.train import export_checkpoint, make_unet, train
+from memfree_testbed.train import export_checkpoint, make_unet, train
 
 
 def _weights(model_dir):
@@ -28,7 +28,7 @@ def test_interrupted_run_resumes_bit_for_bit(testbed_data, tmp_path):
 
     model = memfree.load(resumed)                                     # pixel-space, no VAE
     assert model.vae is None and model.latent_shape == (3, 32, 32)
-    assert model.guidance_scale == 3.5 and memfree.load(straight).guidance_scale == 2.0
+    assert model.settings.guidance_scale == 3.5 and memfree.load(straight).settings.guidance_scale == 2.0
     out = sample(model, ["a small red circle at the left on a gray background"], seeds=[0],
                  num_inference_steps=2, progress=False)
     assert out.images.shape == (1, 3, 32, 32)

@@ -1,0 +1,19 @@
+"""What every experiment starts with: a command line with --model, and the model with its testbed ground truth."""
+from __future__ import annotations
+
+import argparse
+
+import memfree
+from memfree_testbed import Testbed, load_testbed
+
+
+def experiment_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser described by the script's docstring, with --model (default: the bundled testbed)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model", default="testbed", help="model folder or name (default: testbed, the bundled one)")
+    return parser
+
+
+def open_testbed(model: str) -> tuple[memfree.Model, Testbed]:
+    m = memfree.load(model)
+    return m, load_testbed(m)
