@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -30,6 +31,7 @@ model_option = click.option("--model", "model_path", default=None, metavar="PATH
 scheduler_option = click.option("--scheduler", default="ddim", show_default=True,
                                 help=f"Sampler: {', '.join(SCHEDULERS)}.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
+SEED = click.IntRange(0, 2**62)   # room for seed + i, and within what torch's generators take
 prompts_file_option = click.option("--prompts", "prompts_file", default=None, metavar="FILE",
                                    help="Prompts file: one a line, or CSV/JSONL with --column.")
 column_option = click.option("--column", default=None, help="Column of a CSV/JSONL prompts file.")
@@ -46,6 +48,21 @@ def read_prompts(prompts: tuple[str, ...], prompts_file: str | None, column: str
     if any(not p.strip() for p in out):
         raise click.UsageError("empty prompt given")
     return out
+
+
+def writable_folder(path: str, option: str) -> Path:
+    """Make sure outputs can be written to the folder ``path`` before any work starts."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise click.UsageError(f"{option} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".memfree-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise click.UsageError(f"{option} {folder} cannot be written to: {e.strerror or e}") from None
+    return folder
 
 
 def parse_options(method: str, pairs: tuple[str, ...]) -> dict:
@@ -84,18 +101,41 @@ def parse_options(method: str, pairs: tuple[str, ...]) -> dict:
 
 
 class FriendlyGroup(click.Group):
-    """Turns the library's input errors into one-line CLI errors instead of tracebacks."""
+    """Turns every error a user can reach into one line naming its cause (a traceback only with --debug)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.Abort, click.exceptions.Exit, KeyboardInterrupt):
+            raise
         except (ModelError, FileNotFoundError, ValueError) as e:
+            if _debug(ctx):
+                raise
             raise click.ClickException(str(e)) from e
+        except Exception as e:   # anything else is a bug or an environment problem: still one line
+            if _debug(ctx):
+                raise
+            raise click.ClickException(f"{type(e).__name__}: {e} (run with --debug for the traceback)") from e
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            if ctx.parent is None and "No such command" in str(e):
+                e.message += (" Other commands come from installed plugin packages (entry-point group "
+                              f"{CLI_ENTRY_POINTS}); the README's set-up installs the testbed's and the benchmarks'.")
+            raise
+
+
+def _debug(ctx: click.Context) -> bool:
+    root = ctx.find_root()
+    return bool(root.params.get("debug")) if root.params else False
 
 
 @click.group(cls=FriendlyGroup)
 @click.version_option(package_name="memfree")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def cli(debug: bool) -> None:
     """memfree: detect, explain and mitigate memorization in text-to-image diffusion models."""
 
 
@@ -117,7 +157,7 @@ def _image_stem(prompt: str, seed: int, method: str, settings: dict) -> str:
 @click.option("--index", "index_dir", default=None, metavar="DIR",
               help="Training-set index (memfree index build): AMG searches it and every image's nearest training "
                    "item is reported (default: the index the model ships, if any).")
-@click.option("--seed", default=0, show_default=True, help="Image i of a request uses seed + i.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Image i of a request uses seed + i.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps (default: the model's).")
 @click.option("--guidance", type=float, default=None, help="CFG scale (default: the model's).")
 @scheduler_option
@@ -141,8 +181,7 @@ def generate(prompts, prompts_file, model_path, mitigation, opts, index_dir, see
         index = default_index(model)
     if index is not None and "index" in method_options(mitigation) and "index" not in options:
         options["index"] = index   # the method searches the same index the report uses
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = writable_folder(out, "--out")   # before the work, not after it
     res = run(model, prompts, mitigation, seed, progress=not quiet, **options)
     nearest = nearest_training(index, res.images) if index is not None else [None] * len(prompts)
     settings = {"model": model.label, "steps": model.settings.num_inference_steps,
@@ -187,7 +226,7 @@ def mitigations():
 @click.option("--steps", default=1, show_default=True, type=click.IntRange(min=1), help="Score the first K sampling steps.")
 @click.option("--generations", default=1, show_default=True, type=click.IntRange(min=1),
               help="Average over N starting noises.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--json", "as_json", is_flag=True)
 @quiet_option
 def detect(prompts, prompts_file, column, model_path, steps, generations, seed, as_json, quiet):
@@ -210,7 +249,7 @@ def detect(prompts, prompts_file, column, model_path, steps, generations, seed, 
 @model_option
 @click.option("--steps", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--generations", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--method", type=click.Choice(["occlusion", "gradient"]), default="occlusion", show_default=True,
               help="occlusion: score drop when the word is deleted; gradient: Wen et al.'s embedding gradient.")
 @click.option("--json", "as_json", is_flag=True)

@@ -6,6 +6,9 @@ back on the way out, so detection, explanation and guidance never need to know w
 from __future__ import annotations
 
 import torch
+from diffusers import DDIMScheduler
+
+REFERENCE_STEPS = 50
 
 
 def to_eps(prediction_type: str, out: torch.Tensor, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -50,14 +53,27 @@ def guided_eps(model, x_in: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor,
     return to_eps(kind, out_u, x_in.float(), alpha_bar), to_eps(kind, out_c, x_in.float(), alpha_bar)
 
 
-def first_step_input(model, x_T: torch.Tensor, num_inference_steps: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The UNet input at x_T for the sampler's first timestep, that timestep, and ᾱ there.
+def detection_timestep(model) -> int:
+    """The timestep at which the detection score is taken, whatever schedule the user samples with: the one
+    the model's threshold was calibrated at, else the first step of 50-step DDIM (Wen et al.'s setting)."""
+    det = model.settings.detection or {}
+    if det.get("timestep") is not None:
+        return int(det["timestep"])
+    reference = DDIMScheduler.from_config(model.scheduler.config)
+    reference.set_timesteps(REFERENCE_STEPS)
+    return int(reference.timesteps[0])
 
-    Uses a scheduler of its own, so it never changes the state of one another caller is sampling with.
-    """
+
+def detection_input(model, x_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The UNet input for the detection score: unscaled x_T at :func:`detection_timestep`, and ᾱ there."""
+    t = detection_timestep(model)
+    return x_T.to(model.device, model.dtype), torch.tensor(t, device=model.device), alpha_bar(model.scheduler, t, model.device)
+
+
+def schedule_gives_detection_score(model) -> bool:
+    """Whether the sampling loop's first step is the detection input (then its score comes free); otherwise the
+    detection score costs one extra UNet pass."""
     sched = model.new_scheduler()
-    sched.set_timesteps(num_inference_steps or model.settings.num_inference_steps, device=model.device)
-    t = sched.timesteps[0]
-    x = sched.scale_model_input(x_T.to(model.device, model.dtype) * sched.init_noise_sigma, t)
-    return x, t, alpha_bar(sched, t, model.device)
+    sched.set_timesteps(model.settings.num_inference_steps)
+    t0, one = sched.timesteps[0], torch.ones(1)
+    return int(t0) == detection_timestep(model) and torch.equal(sched.scale_model_input(one * sched.init_noise_sigma, t0), one)

@@ -134,6 +134,8 @@ class AMG:
 
     index: object
     config: AMGConfig = field(default_factory=AMGConfig)
+    first_scores: torch.Tensor | None = None   # detection scores per image when the loop's first step is not
+                                               # the detection input (the screen compares them with its threshold)
     log: dict[int, dict] = field(default_factory=lambda: defaultdict(_new_entry))
 
     def _due(self, step: int, i: int) -> bool:
@@ -143,8 +145,9 @@ class AMG:
     def __call__(self, s: StepState) -> None:
         cfg, model = self.config, s.model
         if s.step == 0 and cfg.screen is not None:
+            scores = s.score if self.first_scores is None else self.first_scores[s.indices]
             for j, i in enumerate(s.indices):
-                self.log[i]["screened_out"] = bool(s.score[j] < cfg.screen)
+                self.log[i]["screened_out"] = bool(scores[j] < cfg.screen)
         rows = [j for j, i in enumerate(s.indices) if self._due(s.step, i)]
         if not rows:
             return

@@ -150,9 +150,11 @@ def _check_dir(path: Path) -> None:
     if not (path / "model_index.json").exists():
         raise ModelError(f"{path} has no model_index.json, so it is not a diffusers-layout model directory")
     try:
-        json.loads((path / "model_index.json").read_text())
-    except json.JSONDecodeError as e:
+        index = json.loads((path / "model_index.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{path / 'model_index.json'} is not valid JSON: {e}") from e
+    if not isinstance(index, dict):
+        raise ModelError(f"{path / 'model_index.json'} must hold a JSON object, not {type(index).__name__}")
     for part in REQUIRED + (("vae",) if (path / "vae").exists() else ()):
         if not (path / part).is_dir():
             raise ModelError(f"{path} lacks the {part}/ folder that a text-to-image model needs")
@@ -182,6 +184,17 @@ def _quiet_loading():
                 log.enable_progress_bar()
 
 
+def _load_part(cls, path: Path, part: str, **kw):
+    """One weighted part, refused when its file's tensors do not fit its config (missing, unexpected or
+    misshapen weights would otherwise be filled in at random and sample garbage without a word)."""
+    module, info = cls.from_pretrained(path, subfolder=part, output_loading_info=True, **kw)
+    problems = {k: list(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        said = "; ".join(f"{len(v)} {k.replace('_keys', '')} (e.g. {v[0]})" for k, v in problems.items() if v)
+        raise ModelError(f"the weights in {path / part} do not belong to its config: {said}")
+    return module
+
+
 def load(model: str | Path | None = None, device: str | torch.device = "cpu",
          dtype: torch.dtype = torch.float32, scheduler: str = "ddim") -> Model:
     """Load a model for sampling and probing: a local diffusers-layout folder, or a named model.
@@ -194,10 +207,10 @@ def load(model: str | Path | None = None, device: str | torch.device = "cpu",
     kw = dict(local_files_only=True, use_safetensors=True)
     try:
         with _quiet_loading():
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **kw)
-            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **kw)
+            unet = _load_part(UNet2DConditionModel, path, "unet", torch_dtype=dtype, **kw)
+            text_encoder = _load_part(CLIPTextModel, path, "text_encoder", dtype=dtype, **kw)
             tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-            vae = (AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **kw)
+            vae = (_load_part(AutoencoderKL, path, "vae", torch_dtype=dtype, **kw)
                    if (path / "vae").exists() else None)
             stored = DDIMScheduler.load_config(path, subfolder="scheduler", local_files_only=True)
         settings = read_settings(path)

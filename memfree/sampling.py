@@ -7,6 +7,7 @@ models the loop converts on the way in and out, so pieces never need to know.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -47,6 +48,18 @@ class StepState:
 
 
 Piece = Callable[[StepState], None]
+
+
+class NumericalError(ValueError):
+    """The model produced NaN or infinite values: broken weights or an absurd guidance scale."""
+
+
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Refuse control characters (NUL among them): invisible, yet they change the tokens and the image."""
+    for i, p in enumerate(prompts):
+        bad = [c for c in p if (ord(c) < 32 and c not in "\t\n\r") or ord(c) == 127]
+        if bad:
+            raise ValueError(f"prompt {i + 1} holds control character {bad[0]!r}; remove it")
 
 
 @dataclass
@@ -91,6 +104,9 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     scale = model.settings.guidance_scale if guidance_scale is None else guidance_scale
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be a finite number, got {scale}")
+    check_prompts(prompts)
     x_T = initial_noise(model, seeds) if latents is None else latents.float().cpu()
     if x_T.shape != (n, *model.latent_shape):
         raise ValueError(f"latents must have shape {(n, *model.latent_shape)}, got {tuple(x_T.shape)}")
@@ -117,6 +133,9 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
             state = StepState(step=k, t=t, x_t=x_in.float(), eps_u=eps_u, eps_c=eps_c,
                               eps=eps_u + scale * (eps_c - eps_u), alpha_bar=a, cond=cond, uncond=uncond,
                               guidance_scale=scale, indices=idx, model=model)
+            if not (torch.isfinite(state.eps_u).all() and torch.isfinite(state.eps_c).all()):
+                raise NumericalError(f"the model produced NaN or infinite noise predictions at step {k}: "
+                                     "its weights are broken or do not belong to it")
             batch_scores.append(state.score)
             if pieces:
                 t_piece = time.perf_counter()
@@ -134,7 +153,10 @@ def sample(model: Model, prompts: Sequence[str], seeds: Sequence[int] | int = 0,
             finals.append(last_x0.cpu())
         else:
             with torch.no_grad():
-                images.append(model.decode(x).cpu())
+                decoded = model.decode(x).cpu()
+            if not torch.isfinite(x).all() or not torch.isfinite(decoded).all():
+                raise NumericalError("sampling ended in NaN or infinite values: a piece or the model broke it")
+            images.append(decoded)
             finals.append(x.float().cpu())
         scores.append(torch.stack(batch_scores, dim=1).cpu())
     bar.close()

@@ -21,7 +21,8 @@ def bench() -> None:
                    "amg-const, amg-every, amg-screen.")
 @click.option("--sets", default="verbatim,image_dup,caption_dup,paraphrase,heldout", show_default=True,
               help="Comma-separated prompt sets.")
-@click.option("--seeds", default=4, show_default=True, help="Seeds per prompt.")
+@click.option("--seeds", default=4, show_default=True, type=click.IntRange(min=1), help="Seeds per prompt.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts of each set.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps (default: the model's).")
 @click.option("--opt", "opts", multiple=True, metavar="METHOD:KEY=VALUE",
               help="An option of one method, e.g. --opt wen:target_scale=1.0; repeatable.")
@@ -30,7 +31,7 @@ def bench() -> None:
 @click.option("--plot", default="bench-mitigate.png", show_default=True, metavar="PNG")
 @click.option("--table", default="bench-mitigate.md", show_default=True, metavar="MD")
 @quiet_option
-def bench_mitigate(model_path, methods, sets, seeds, steps, opts, json_out, plot, table, quiet):
+def bench_mitigate(model_path, methods, sets, seeds, limit, steps, opts, json_out, plot, table, quiet):
     """Mitigations side by side on the testbed (MemBench-style): memorization, similarity, alignment,
     Fréchet distance and cost."""
     from memfree_bench.mitigate import format_table, run_bench
@@ -42,7 +43,7 @@ def bench_mitigate(model_path, methods, sets, seeds, steps, opts, json_out, plot
         options.setdefault(method, {}).update(parse_options(method, (pair,)))
     model = load_model(model_path, steps=steps)
     res = run_bench(model, json_out, [m.strip() for m in methods.split(",") if m.strip()],
-                    [s.strip() for s in sets.split(",") if s.strip()], tuple(range(seeds)), plot, not quiet, options)
+                    [s.strip() for s in sets.split(",") if s.strip()], tuple(range(seeds)), plot, not quiet, options, limit)
     text = format_table(res["rows"])
     write_text(table, text + "\n")
     click.echo(text)

@@ -77,9 +77,11 @@ def trigger_alignment(tb: Testbed, name: str, owners: list[dict], feats: torch.T
     return cos
 
 
-def evaluate_method(model: Model, tb: Testbed, method: str, name: str, seeds: list[int], **kwargs) -> dict:
-    """One row: generate every prompt of a set with every seed under ``method`` and score it."""
-    entries = tb.eval_sets[name]
+def evaluate_method(model: Model, tb: Testbed, method: str, name: str, seeds: list[int], limit: int | None = None,
+                    **kwargs) -> dict:
+    """One row: generate every prompt of a set (its first ``limit`` ones) with every seed under ``method`` and
+    score it."""
+    entries = tb.eval_sets[name][:limit]
     images, reports, seconds = [], [], 0.0
     for s in seeds:  # one request per seed: prompt i gets seed s·1000 + i, the same for every method
         g = generate(model, [e["prompt"] for e in entries], method, seed=s * 1000, progress=False, **kwargs)
@@ -124,9 +126,11 @@ def _amg_stats(reports: list) -> dict:
 
 
 def run_bench(model: Model, json_out: str | Path, methods=DEFAULT_METHODS, sets=SETS, seeds=(0, 1, 2, 3),
-              plot: str | Path | None = None, progress: bool = True, options: dict[str, dict] | None = None) -> dict:
+              plot: str | Path | None = None, progress: bool = True, options: dict[str, dict] | None = None,
+              limit: int | None = None) -> dict:
     """Run (or resume) the benchmark; rows already in ``json_out`` for the same settings are kept.
-    ``options`` maps a method to its options (``{"wen": {"target_scale": 1.0}}``)."""
+    ``options`` maps a method to its options (``{"wen": {"target_scale": 1.0}}``); ``limit`` takes the first
+    prompts of each set only (`memfree demo` shows the first 4 or 8)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -136,7 +140,7 @@ def run_bench(model: Model, json_out: str | Path, methods=DEFAULT_METHODS, sets=
     json_out = Path(json_out)
     settings = {"seeds": list(seeds), "num_inference_steps": model.settings.num_inference_steps,
                 "guidance_scale": model.settings.guidance_scale, "threshold": model.settings.threshold,
-                "options": options}
+                "options": options, **({"limit": limit} if limit is not None else {})}
     result = {"settings": settings, "rows": []}
     if json_out.exists():
         old = json.loads(json_out.read_text())
@@ -146,7 +150,7 @@ def run_bench(model: Model, json_out: str | Path, methods=DEFAULT_METHODS, sets=
     todo = [(m, s) for s in sets for m in (["none"] + [m for m in methods if m != "none"]) if (m, s) not in done]
     for m, s in tqdm(todo, desc="bench mitigate", disable=not progress):
         kwargs = {**({"index": index} if m in AMG_METHODS else {}), **options.get(m, {})}
-        result["rows"].append(evaluate_method(model, tb, m, s, list(seeds), **kwargs))
+        result["rows"].append(evaluate_method(model, tb, m, s, list(seeds), limit, **kwargs))
         _ratios(result["rows"])
         write_json(json_out, result)
     _ratios(result["rows"])

@@ -13,13 +13,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from memfree.denoise import schedule_gives_detection_score
+from memfree.detect import first_step_scores
 from memfree.guidance import AMG_METHODS
 from memfree.mitigate.amg import AMGMitigation, default_index
 from memfree.mitigate.base import Mitigation, Request
 from memfree.mitigate.baselines import CWR, GNI, RNA, RTA
 from memfree.mitigate.training import keep_mask, training_scores
-from memfree.mitigate.wen import Wen, first_step_scores
+from memfree.mitigate.wen import Wen
 from memfree.model import Model
+from memfree.prompts import warn_truncated
 from memfree.sampling import initial_noise, sample
 
 METHODS: dict[str, Callable[..., Mitigation]] = {
@@ -65,11 +68,12 @@ class MitigationReport:
     seed: int
     method: str
     applied: bool                 # the mitigation changed this image's prompt, embedding or guidance
-    score_before: float           # first-step ‖ε_c − ε_u‖₂ with the original prompt
-    score_after: float            # first-step score of the generation actually sampled
+    score_before: float           # detection score ‖ε_c − ε_u‖₂ of the original prompt
+    score_after: float            # detection score of the prompt or embedding actually sampled
     used_prompt: str | None = None
     iterations: int = 0           # wen: optimiser steps taken
     final_loss: float | None = None
+    truncated: bool = False       # the prompt was longer than the tokenizer allows and was cut
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -101,12 +105,15 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str | Mitigation 
     if not prompts or any(not p.strip() for p in prompts):
         raise ValueError("no prompts given" if not prompts else "empty prompt given")
     t0 = time.perf_counter()
+    truncated = warn_truncated(model, prompts)
     seeds = [seed + i for i in range(len(prompts))]
     request = Request(model=model, prompts=prompts, seeds=seeds, x_T=initial_noise(model, seeds),
                       embeds=model.encode(prompts).float(), batch_size=batch_size)
-    # The original prompt's first-step score. Methods that sample with the original embedding get it free
-    # from the sampling loop's first step; methods that change it first pay one UNet pass (whose ε_u wen reuses).
-    if method.needs_score_before:
+    # The original prompt's detection score. Methods that sample with the original embedding get it free from
+    # the sampling loop's first step when that step is the detection input; otherwise it costs one UNet pass
+    # (whose ε_u wen reuses), so that the calibrated threshold means the same under every sampler.
+    free = schedule_gives_detection_score(model)
+    if method.needs_score_before or not free:
         parts = [first_step_scores(model, request.embeds[lo:lo + batch_size], request.x_T[lo:lo + batch_size])
                  for lo in range(0, len(prompts), batch_size)]
         request.score_before = torch.cat([score.cpu() for score, _ in parts])
@@ -116,11 +123,16 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str | Mitigation 
                  progress=progress, pieces=method.pieces(request))
     method.finish(request, out)
     before = request.score_before if request.score_before is not None else out.scores[:, 0]
+    after = out.scores[:, 0]
+    if not free:   # the detection score of what was sampled, comparable with the threshold
+        after = before if not method.needs_score_before else torch.cat(
+            [first_step_scores(model, request.embeds[lo:lo + batch_size], request.x_T[lo:lo + batch_size])[0].cpu()
+             for lo in range(0, len(prompts), batch_size)])
     reports = [MitigationReport(prompt=p, seed=seeds[i], method=name, applied=request.applied[i],
-                                score_before=float(before[i]), score_after=float(out.scores[i, 0]),
+                                score_before=float(before[i]), score_after=float(after[i]),
                                 used_prompt=request.used_prompts[i] if request.used_prompts[i] != p else None,
                                 iterations=request.iterations[i], final_loss=request.final_loss[i],
-                                extra=request.extra[i])
+                                truncated=truncated[i], extra=request.extra[i])
                for i, p in enumerate(prompts)]
     return Generation(images=out.images, reports=reports, seconds=time.perf_counter() - t0,
                       piece_seconds=out.piece_seconds)

@@ -47,7 +47,7 @@ class AMGMitigation(Mitigation):
         elif not isinstance(index, TrainingIndex):
             index = TrainingIndex.load(index)
         cfg = config_for(self.preset, index.embedder.metric, request.model.settings.threshold, **self.overrides)
-        self.piece = AMG(index, cfg)
+        self.piece = AMG(index, cfg, first_scores=request.score_before)
         return [self.piece]
 
     def finish(self, request: Request, out: SampleOutput) -> None:

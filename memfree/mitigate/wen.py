@@ -15,29 +15,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from memfree.denoise import branch_eps, first_step_input
+from memfree.detect import first_step_scores, first_step_uncond_eps
 from memfree.mitigate.base import Mitigation, Request
 from memfree.model import Model
 from memfree.sampling import initial_noise
-
-
-def first_step_uncond_eps(model: Model, x_T: torch.Tensor) -> torch.Tensor:
-    """ε_u at x_T and the first timestep: the half of the first-step score that no embedding changes."""
-    x, t, a = first_step_input(model, x_T)
-    with torch.no_grad():
-        return branch_eps(model, x, t, model.encode([""]).expand(len(x), -1, -1), a)
-
-
-def first_step_scores(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, grad: bool = False,
-                      uncond_eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image ‖ε_c − ε_u‖₂ at x_T and the sampler's first timestep; also returns ε_u for reuse."""
-    x, t, a = first_step_input(model, x_T)
-    if uncond_eps is None:
-        with torch.no_grad():
-            uncond_eps = branch_eps(model, x, t, model.encode([""]).expand(len(x), -1, -1), a)
-    with torch.set_grad_enabled(grad):
-        eps_c = branch_eps(model, x, t, embeds, a)
-    return (eps_c - uncond_eps).flatten(1).norm(dim=1), uncond_eps
 
 
 def optimise_embeddings(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, target: float,

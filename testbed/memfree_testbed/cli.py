@@ -20,13 +20,13 @@ from memfree_testbed.render import STYLES
 @scheduler_option
 @quiet_option
 def demo(model_path, out, seed, scheduler, quiet):
-    """Show what the testbed copies: planted images beside generations for their captions."""
-    from memfree_testbed.demo import run_demo
+    """Show what the testbed copies and what memfree does about it: one self-contained HTML page."""
+    from memfree_testbed.demo import MITIGATION, run_demo
     res = run_demo(load_model(model_path, scheduler), out, seed=seed, progress=not quiet)
     for name, s in res["sets"].items():
-        copy = "" if s["copy_rate"] is None else f", copies of the planted image {s['copy_rate']:.0%}"
-        click.echo(f"{name:12s} memorized {s['memorization_rate']:.0%}{copy}")
-    click.echo(f"wrote {res['html']} in {res['seconds']} s")
+        click.echo(f"{name:12s} memorized {s['memorized_without']:.0%} without memfree, "
+                   f"{s['memorized_with']:.0%} with {MITIGATION}")
+    click.echo(f"time with memfree {res['time_ratio']:.2f}x without; wrote {res['html']} in {res['seconds']} s")
 
 
 @click.group(cls=FriendlyGroup)

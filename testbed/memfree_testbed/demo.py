@@ -1,5 +1,8 @@
-"""`memfree demo`: a small HTML report showing the testbed's planted training images next to what the
-model generates for their captions, and held-out prompts next to their generations.
+"""`memfree demo`: one self-contained HTML page that shows the problem and the cure on the testbed.
+
+For every prompt: the first-step detection score and verdict, the prompt's words coloured by how much each
+drives memorization, the generation without memfree and with its default mitigation (AMG) from the same seed,
+and the nearest training image of each with its nL2. At the top, a summary of the whole page.
 """
 from __future__ import annotations
 
@@ -12,18 +15,28 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
-from memfree.model import Model
+from memfree.explain import explain
 from memfree.images import to_uint8
+from memfree.io import write_text
+from memfree.mitigate import default_index, generate
+from memfree.model import Model
 from memfree.similarity import NL2_THRESHOLD
 from memfree_testbed.bundle import load_testbed
-from memfree_testbed.report import evaluate_set
+from memfree_testbed.probe import accuracy
 
 SECTIONS = (("verbatim", 8, "Verbatim: one photo under one caption, {n} times in training"),
             ("image_dup", 4, "Image duplication: one face under {n} different captions"),
             ("caption_dup", 4, "Caption duplication: one caption over {n} images sharing a layout"),
             ("paraphrase", 4, "Paraphrases of verbatim captions"),
             ("heldout", 8, "Held-out prompts: compositions never trained on"))
+MITIGATION = "amg"
+
+STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto}td,th{padding:4px 8px;vertical-align:middle}"
+         "table{border-collapse:collapse}tr{border-bottom:1px solid #ddd}.mem{color:#b00;font-weight:bold}"
+         ".ok{color:#070}.word{padding:0 2px;border-radius:3px}.note{color:#555;font-size:90%}"
+         "img{image-rendering:pixelated}")
 
 
 def _per_item(manifest: dict, kind: str) -> int:
@@ -34,48 +47,102 @@ def _per_item(manifest: dict, kind: str) -> int:
     return manifest["counts"].get(kind, 0) // max(unique, 1)
 
 
-def _png(img: np.ndarray | torch.Tensor, scale: int = 4) -> str:
+def _png(img: np.ndarray | torch.Tensor, scale: int = 3, cls: str = "") -> str:
     if isinstance(img, torch.Tensor):
         img = to_uint8(img)
     im = Image.fromarray(img)
     im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return f'<img class="{cls}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = True) -> dict:
-    """Generate the demo's images (one seed per prompt) and write ``out_dir/index.html``."""
+def _coloured_words(words: list[str], significance: list[float]) -> str:
+    """The prompt's words on a red background as strong as each word's share of the largest significance."""
+    top = max(max(significance, default=0.0), 1e-12)
+    return " ".join(f'<span class="word" title="{s:.3f}" style="background:rgba(220,0,0,{max(0.0, s / top):.2f})">'
+                    f"{html.escape(w)}</span>" for w, s in zip(words, significance))
+
+
+def _verdict(nl2: float) -> str:
+    memorized = nl2 < NL2_THRESHOLD
+    return f"<span class='{'mem' if memorized else 'ok'}'>nL2 {nl2:.2f} {'memorized' if memorized else 'novel'}</span>"
+
+
+def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = True,
+             sizes: dict[str, int] | None = None, mitigation: str = MITIGATION) -> dict:
+    """Generate every section's prompts without and with ``mitigation`` (image i from seed + i in both) and write
+    ``out_dir/index.html``; ``sizes`` overrides how many prompts each section shows. Returns the summary."""
     t0 = time.perf_counter()
     tb = load_testbed(model)
+    index = default_index(model)
+    threshold = model.settings.threshold
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = ["<!doctype html><meta charset='utf-8'><title>memfree demo</title>",
-             "<style>body{font-family:sans-serif;max-width:960px;margin:auto}td{padding:4px 10px;"
-             "vertical-align:middle}.mem{color:#b00;font-weight:bold}.ok{color:#070}</style>",
-             "<h1>memfree testbed: what the model copies</h1>",
-             f"<p>Model <code>{html.escape(model.label)}</code>, "
-             f"{type(model.scheduler).__name__} {model.settings.num_inference_steps} steps, guidance "
-             f"{model.settings.guidance_scale}, seed {seed}. A generation is memorized when its nearest training image "
-             f"has nL2 &lt; {NL2_THRESHOLD} (AMG's normalised ℓ2).</p>"]
-    summary = {}
-    for name, n, title in SECTIONS:
+    summary: dict[str, dict] = {}
+    body: list[str] = []
+    seconds = {"none": 0.0, mitigation: 0.0}
+    sections = [(name, (sizes or {}).get(name, n), title) for name, n, title in SECTIONS]
+    for name, n, title in tqdm(sections, desc="demo", unit="section", disable=not progress):
         entries = tb.eval_sets[name][:n]
-        res = evaluate_set(model, tb, entries, [seed], progress=progress)
-        summary[name] = {"memorization_rate": res["memorization_rate"], "copy_rate": res["copy_rate"]}
-        title = title.format(n=_per_item(tb.manifest, name))
-        parts.append(f"<h2>{html.escape(title)}</h2><table><tr><th>prompt</th><th>training image</th>"
-                     "<th>generation</th><th>nearest training image</th><th>nL2</th></tr>")
-        for e, img, nl2, near in zip(entries, res["_images"], res["_nl2"], res["_nearest"]):
+        prompts = [e["prompt"] for e in entries]
+        base = generate(model, prompts, "none", seed=seed, progress=False)
+        cured = generate(model, prompts, mitigation, seed=seed, index=index, progress=False)
+        seconds["none"] += base.seconds
+        seconds[mitigation] += cured.seconds
+        near_base, near_cured = tb.index.search(base.images), tb.index.search(cured.images)
+        row = {"prompts": len(prompts), "memorized_without": float(near_base.memorized.float().mean()),
+               "memorized_with": float(near_cured.memorized.float().mean())}
+        if name == "heldout":
+            attrs = [e["attrs"] for e in entries]
+            row["alignment_without"] = accuracy(tb.probe.predict(base.images), attrs)["mean"]
+            row["alignment_with"] = accuracy(tb.probe.predict(cured.images), attrs)["mean"]
+        summary[name] = row
+        body.append(f"<h2 id='{name}'>{html.escape(title.format(n=_per_item(tb.manifest, name)))}</h2>"
+                    "<table><tr><th>prompt (words coloured by significance)</th><th>detection</th>"
+                    "<th>training image</th><th>without memfree</th><th>its nearest training image</th>"
+                    f"<th>with memfree ({html.escape(mitigation)})</th><th>its nearest training image</th></tr>")
+        for i, e in enumerate(entries):
+            ex = explain(model, e["prompt"], seed=seed + i)
+            score = base.reports[i].score_before
+            flagged = threshold is not None and score > threshold
+            verdict = "uncalibrated" if threshold is None else ("MEMORIZED" if flagged else "ok")
             planted = sorted(set([e["image"]] if "image" in e else e.get("images", [])))
             left = _png(tb.images[planted[0]]) if planted else "<i>none (novel composition)</i>"
-            memorized = bool(nl2 < NL2_THRESHOLD)
-            verdict = "memorized" if memorized else "novel"
-            parts.append(f"<tr><td>{html.escape(e['prompt'])}</td><td>{left}</td><td>{_png(img)}</td>"
-                         f"<td>{_png(tb.images[int(near)])}</td>"
-                         f"<td class='{'mem' if memorized else 'ok'}'>{float(nl2):.2f} {verdict}</td></tr>")
-        parts.append("</table>")
-    seconds = time.perf_counter() - t0
-    parts.append(f"<p>Generated in {seconds:.1f} s.</p>")
-    (out_dir / "index.html").write_text("\n".join(parts), encoding="utf-8")
-    return {"html": str(out_dir / "index.html"), "seconds": round(seconds, 1), "sets": summary}
+            untouched = not cured.reports[i].applied and torch.equal(cured.images[i], base.images[i])
+            note = ("<div class='note'>bit-identical to the generation without memfree: AMG's gate never fired"
+                    "</div>" if untouched else "")
+            body.append(
+                f"<tr class='row'><td>{_coloured_words(ex.words, ex.significance)}</td>"
+                f"<td class='{'mem' if flagged else 'ok'}'>{score:.3f} {verdict}</td><td>{left}</td>"
+                f"<td>{_png(base.images[i], cls='without')}<br>{_verdict(float(near_base.nl2[i]))}</td>"
+                f"<td>{_png(tb.images[int(near_base.ids[i])])}</td>"
+                f"<td>{_png(cured.images[i], cls='with')}<br>{_verdict(float(near_cured.nl2[i]))}{note}</td>"
+                f"<td>{_png(tb.images[int(near_cured.ids[i])])}</td></tr>")
+        body.append("</table>")
+    ratio = seconds[mitigation] / max(seconds["none"], 1e-9)
+    head = ["<!doctype html><meta charset='utf-8'><title>memfree demo</title>", f"<style>{STYLE}</style>",
+            "<h1>memfree on its testbed: what the model copies, and what memfree does about it</h1>",
+            f"<p>Model <code>{html.escape(model.label)}</code>, {type(model.scheduler).__name__} "
+            f"{model.settings.num_inference_steps} steps, guidance {model.settings.guidance_scale}, image i of each "
+            f"section from seed {seed} + i, without memfree and with <code>{html.escape(mitigation)}</code>. A "
+            f"generation is memorized when its nearest training image has nL2 &lt; {NL2_THRESHOLD} (AMG's "
+            "normalised ℓ2). Detection is Wen et al.'s first-step score against the model's calibrated threshold"
+            f"{'' if threshold is None else f' ({threshold:.3f})'}; a word's colour is how much the score falls "
+            "when it is deleted.</p>", _summary_table(summary, ratio, mitigation)]
+    total = time.perf_counter() - t0
+    page = "\n".join(head + body + [f"<p class='note'>Made in {total:.1f} s.</p>"])
+    write_text(out_dir / "index.html", page)
+    return {"html": str(out_dir / "index.html"), "seconds": round(total, 1), "sets": summary,
+            "time_ratio": ratio}
+
+
+def _summary_table(summary: dict[str, dict], ratio: float, mitigation: str) -> str:
+    rows = "".join(f"<tr><td>{name}</td><td>{s['prompts']}</td><td>{s['memorized_without']:.0%}</td>"
+                   f"<td>{s['memorized_with']:.0%}</td></tr>" for name, s in summary.items())
+    held = summary.get("heldout")
+    align = ("" if held is None else f"<p>Held-out alignment (the probe's attribute accuracy): "
+             f"<b>{held['alignment_without']:.3f}</b> without memfree, <b>{held['alignment_with']:.3f}</b> with.</p>")
+    return (f"<h2 id='summary'>Summary</h2><table id='summary-table'><tr><th>prompt kind</th><th>prompts</th>"
+            f"<th>memorized without memfree</th><th>memorized with {html.escape(mitigation)}</th></tr>{rows}</table>"
+            f"{align}<p>Time with memfree: <b>{ratio:.2f}×</b> the time without (this page's generations).</p>")

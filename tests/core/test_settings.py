@@ -20,7 +20,8 @@ def model_copy(tiny_sd_path, tmp_path):
 
 def test_calibration_goes_into_a_writable_model_folder(model_copy):
     model = memfree.load(model_copy).with_settings(num_inference_steps=3)
-    entry = calibrate(model, ["a cat", "a dog", "a tree", "a house"], fpr=0.25, progress=False)
+    entry = calibrate(model, ["a cat", "a dog", "a tree", "a house"], fpr=0.25, progress=False,
+                          min_prompts=4)
     assert entry["saved_to"] == str(model_copy / "memfree.json")
     assert json.loads((model_copy / "memfree.json").read_text())["detection"]["threshold"] == entry["threshold"]
     assert model.settings.threshold is None                       # the model object is not changed
@@ -35,7 +36,8 @@ def test_calibration_of_a_read_only_folder_goes_to_a_user_sidecar(model_copy, us
         model = memfree.load(model_copy).with_settings(num_inference_steps=3)
         if os.access(model_copy, os.W_OK):
             pytest.skip("running as a user that can write into read-only folders")
-        entry = calibrate(model, ["a cat", "a dog", "a tree", "a house"], fpr=0.25, progress=False)
+        entry = calibrate(model, ["a cat", "a dog", "a tree", "a house"], fpr=0.25, progress=False,
+                          min_prompts=4)
     finally:
         os.chmod(model_copy, 0o755)
     side = sidecar_path(model_copy)
@@ -48,7 +50,8 @@ def test_a_model_opened_by_name_is_calibrated_in_the_sidecar(model_copy, user_ho
     memfree.register_model("my-sd", model_copy)
     model = memfree.load("my-sd").with_settings(num_inference_steps=3)
     assert model.name == "my-sd" and model.label == "my-sd"
-    entry = calibrate(model, ["a cat", "a dog", "a tree", "a house"], fpr=0.25, progress=False)
+    entry = calibrate(model, ["a cat", "a dog", "a tree", "a house"], fpr=0.25, progress=False,
+                          min_prompts=4)
     assert entry["saved_to"] == str(sidecar_path(model_copy)) and not (model_copy / "memfree.json").exists()
     assert memfree.load("my-sd").settings.threshold == entry["threshold"]
 
