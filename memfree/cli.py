@@ -132,7 +132,22 @@ def _debug(ctx: click.Context) -> bool:
     return bool(root.params.get("debug")) if root.params else False
 
 
-@click.group(cls=FriendlyGroup)
+class MemfreeCLI(FriendlyGroup):
+    """The root group: its own commands, and those installed packages register under ``memfree.cli``
+    (loaded when asked for, so a plugin's imports cost nothing to the other commands)."""
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | {ep.name for ep in entry_points(group=CLI_ENTRY_POINTS)})
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None:
+            found = [ep for ep in entry_points(group=CLI_ENTRY_POINTS) if ep.name == name]
+            command = found[0].load() if found else None
+        return command
+
+
+@click.group(cls=MemfreeCLI)
 @click.version_option(package_name="memfree")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 def cli(debug: bool) -> None:
@@ -309,17 +324,6 @@ def index_build(images, captions, embedder, out, batch_size, factory, quiet):
     idx = build_index(source, out, parse_embedder(embedder), ids=ids, captions=caps, batch_size=batch_size,
                       factory=factory, progress=not quiet)
     click.echo(f"indexed {len(idx)} images, dim {idx.embedder.dim}, {idx.factory}, in {out}")
-
-
-def _add_plugins() -> None:
-    """Commands that installed packages register under the ``memfree.cli`` entry-point group."""
-    for ep in sorted(entry_points(group=CLI_ENTRY_POINTS), key=lambda e: e.name):
-        command = ep.load()
-        if ep.name not in cli.commands:
-            cli.add_command(command, ep.name)
-
-
-_add_plugins()
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import torch
 from memfree.denoise import branch_eps, detection_input, detection_timestep, guided_eps
 from memfree.model import Model
 from memfree.prompts import warn_truncated
-from memfree.sampling import check_prompts, initial_noise, sample
+from memfree.sampling import NumericalError, check_prompts, initial_noise, sample
 from memfree.settings import save_settings_entry
 
 
@@ -69,7 +69,10 @@ def detection_scores(model: Model, prompts: Sequence[str], generations: int = 1,
         cond = model.encode(expanded[lo:lo + batch_size])
         eps_u, eps_c = guided_eps(model, x, t, model.encode([""]).expand(len(x), -1, -1), cond, a)
         out.append((eps_c - eps_u).flatten(1).norm(dim=1).cpu())
-    return torch.cat(out).numpy().reshape(len(prompts), generations)
+    scores = torch.cat(out)
+    if not torch.isfinite(scores).all():
+        raise NumericalError("the model produced NaN or infinite detection scores: its weights are broken")
+    return scores.numpy().reshape(len(prompts), generations)
 
 
 def score_prompts(model: Model, prompts: Sequence[str], steps: int = 1, generations: int = 1, seed: int = 0,

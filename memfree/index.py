@@ -176,18 +176,24 @@ class TrainingIndex:
         """Open a built index; with ``embedder`` given, check it matches the one the index was built with."""
         import faiss
         path = Path(path)
+        if path.is_file():
+            raise ValueError(f"index {path} is a file; pass the folder `memfree index build` wrote")
         if not (path / "meta.json").exists():
             state = "incomplete" if path.exists() and any(path.iterdir()) else "missing"
             raise FileNotFoundError(f"index at {path} is {state} (no meta.json); (re)run `memfree index build`")
-        meta = json.loads((path / "meta.json").read_text())
-        stored = meta["embedder"]
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            stored = meta["embedder"]
+            items = [json.loads(line) for line in (path / "items.jsonl").read_text().splitlines() if line.strip()]
+            index = faiss.read_index(str(path / "index.faiss"))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"index at {path} is broken ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                             "rebuild it with `memfree index build`") from e
         if embedder is None:
             embedder = embedder_from_spec(stored)
         elif isinstance(embedder, PixelEmbedder) and embedder.dim == 0 and stored["kind"] == "pixel":
             embedder.size, embedder.dim = stored.get("size"), stored["dim"]
         _check_spec(stored, embedder.spec(), f"index at {path}")
-        items = [json.loads(line) for line in (path / "items.jsonl").read_text().splitlines() if line.strip()]
-        index = faiss.read_index(str(path / "index.faiss"))
         if not (index.ntotal == len(items) == meta["count"]):
             raise ValueError(f"index at {path} is inconsistent; rerun `memfree index build`")
         return cls(embedder, index, [str(it["id"]) for it in items], [it.get("caption") for it in items],
@@ -226,16 +232,24 @@ def _batch_tensor(images, start: int, stop: int) -> list[torch.Tensor]:
         from PIL import Image
         arrays = []
         for p in images[start:stop]:
-            with Image.open(p) as im:
-                arrays.append(np.asarray(im.convert("RGB"))[None])
+            try:
+                with Image.open(p) as im:
+                    arrays.append(np.asarray(im.convert("RGB"))[None])
+            except (OSError, SyntaxError, ValueError) as e:
+                raise ValueError(f"{p} is not a readable image ({e})") from None
         if len({a.shape for a in arrays}) == 1:
             arrays = [np.concatenate(arrays)]
     return [torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 255.0 for a in arrays]
 
 
-def _embed(embedder: Embedder, images, start: int, stop: int) -> np.ndarray:
+def _embed(embedder: Embedder, images, start: int, stop: int, fixed_size: int | None = None) -> np.ndarray:
+    batches = _batch_tensor(images, start, stop)
+    if fixed_size is not None and any(x.shape[-2:] != (fixed_size, fixed_size) for x in batches):
+        sizes = sorted({f"{x.shape[-1]}x{x.shape[-2]}" for x in batches})
+        raise ValueError(f"the images have different sizes ({', '.join(sizes)} besides {fixed_size}x{fixed_size} "
+                         "seen first): pass --embedder pixel:SIZE to compare them at one size")
     with torch.no_grad():
-        out = torch.cat([embedder(x) for x in _batch_tensor(images, start, stop)]).float().numpy()
+        out = torch.cat([embedder(x) for x in batches]).float().numpy()
     if out.shape[1] != embedder.dim:
         raise ValueError(f"embedding has {out.shape[1]} values, expected {embedder.dim}: images of different sizes "
                          "need a fixed size (e.g. --embedder pixel:64)")
@@ -293,8 +307,12 @@ def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, 
         raise ValueError(f"{n} images but {len(ids)} ids and {len(captions)} captions")
     out, shards = Path(out_dir), Path(out_dir) / "shards"
     shards.mkdir(parents=True, exist_ok=True)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    learns_size = isinstance(embedder, PixelEmbedder) and embedder.size is None
     if embedder.dim == 0:  # e.g. PixelEmbedder() learns its size from the first image
         _embed(embedder, images, 0, 1)
+    fixed = embedder.size if learns_size else None
     plan = {"embedder": embedder.spec(), "count": n, "batch_size": batch_size}
     if (shards / "build.json").exists():
         old = json.loads((shards / "build.json").read_text())
@@ -309,7 +327,7 @@ def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, 
     for b, start in enumerate(tqdm(starts, desc="embedding", unit="batch", disable=not progress)):
         shard = shards / f"{b:06d}.npy"
         if not shard.exists():
-            vec = _embed(embedder, images, start, min(start + batch_size, n))
+            vec = _embed(embedder, images, start, min(start + batch_size, n), fixed)
             atomic_write(shard, lambda p: _save_npy(p, vec))
     vectors = np.concatenate([np.load(shards / f"{b:06d}.npy") for b in range(len(starts))]).astype(np.float32)
     index, name, nprobe = _make_faiss(vectors, embedder.metric, factory)
@@ -341,6 +359,10 @@ def _read_captions(path: Path, names: list[str]) -> list[str | None]:
     if rows and not {"file", "caption"} <= set(rows[0]):
         raise ValueError(f"captions file {path} needs the fields 'file' and 'caption'")
     by_name = {Path(r["file"]).name: r["caption"] for r in rows}
+    unknown = sorted(set(by_name) - set(names))
+    if unknown:
+        raise ValueError(f"captions file {path} names {len(unknown)} file(s) not among the images "
+                         f"(e.g. {', '.join(unknown[:3])}): is it the captions file of this folder?")
     return [by_name.get(name) or None for name in names]
 
 

@@ -184,6 +184,16 @@ def _quiet_loading():
                 log.enable_progress_bar()
 
 
+def _load_tokenizer(path: Path) -> CLIPTokenizer:
+    folder = path / "tokenizer"
+    if not any(folder.iterdir()):
+        raise ModelError(f"{folder} is empty: a CLIP tokenizer needs its vocab.json and merges.txt")
+    try:
+        return CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    except Exception as e:   # a broken tokenizer folder fails in many ways inside transformers
+        raise ModelError(f"the tokenizer in {folder} could not be read ({type(e).__name__}: {e})") from e
+
+
 def _load_part(cls, path: Path, part: str, **kw):
     """One weighted part, refused when its file's tensors do not fit its config (missing, unexpected or
     misshapen weights would otherwise be filled in at random and sample garbage without a word)."""
@@ -209,7 +219,7 @@ def load(model: str | Path | None = None, device: str | torch.device = "cpu",
         with _quiet_loading():
             unet = _load_part(UNet2DConditionModel, path, "unet", torch_dtype=dtype, **kw)
             text_encoder = _load_part(CLIPTextModel, path, "text_encoder", dtype=dtype, **kw)
-            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+            tokenizer = _load_tokenizer(path)
             vae = (_load_part(AutoencoderKL, path, "vae", torch_dtype=dtype, **kw)
                    if (path / "vae").exists() else None)
             stored = DDIMScheduler.load_config(path, subfolder="scheduler", local_files_only=True)
