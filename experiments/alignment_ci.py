@@ -18,12 +18,11 @@ from common import experiment_parser, open_testbed
 from memfree.mitigate import METHODS, default_index, generate, method_options
 from memfree_bench.mitigate import trigger_alignment
 
-parser = experiment_parser(__doc__)
+parser = experiment_parser(__doc__, bootstrap=10000)
 parser.add_argument("--set", dest="prompt_set", default="image_dup",
                     help="trigger prompt set: verbatim, image_dup, caption_dup or paraphrase (default: image_dup)")
 parser.add_argument("--method", default="amg", help="mitigation compared with none (default: amg)")
 parser.add_argument("--seeds", type=int, default=4, help="seed rounds s = 0..N-1, seed 1000·s + i (default: 4)")
-parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples over prompts (default: 10000)")
 args = parser.parse_args()
 if args.method not in METHODS:
     parser.error(f"unknown mitigation {args.method!r}; choose one of {', '.join(METHODS)}")

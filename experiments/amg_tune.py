@@ -28,12 +28,11 @@ from memfree.mitigate import default_index, generate
 from memfree.similarity import NL2_THRESHOLD
 from memfree_bench.mitigate import trigger_alignment
 
-parser = experiment_parser(__doc__)
+parser = experiment_parser(__doc__, bootstrap=5000)
 parser.add_argument("--config", action="append", metavar="JSON",
                     help='AMG overrides as a JSON object, e.g. \'{"c3": 150}\'; repeatable (default: {}, the preset)')
 parser.add_argument("--seeds", default="5000,6000", help="comma-separated base seeds; prompt i gets base + i")
 parser.add_argument("--per-face", type=int, default=4, help="unused training captions per face (default: 4)")
-parser.add_argument("--bootstrap", type=int, default=5000, help="bootstrap resamples over prompts (default: 5000)")
 args = parser.parse_args()
 
 model, tb = open_testbed(args.model)

@@ -88,6 +88,13 @@ class Generation:
     piece_seconds: float = 0.0        # of which inside the sampling loop's pieces (AMG's checks and terms)
 
 
+def _detection_scores(model: Model, request: Request, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The detection score of each image's current embedding, and ε_u at the detection input, batch by batch."""
+    parts = [first_step_scores(model, request.embeds[lo:lo + batch_size], request.x_T[lo:lo + batch_size])
+             for lo in range(0, len(request.prompts), batch_size)]
+    return torch.cat([score.cpu() for score, _ in parts]), torch.cat([u for _, u in parts])
+
+
 def generate(model: Model, prompts: Sequence[str], mitigation: str | Mitigation = "none", seed: int = 0, *,
              batch_size: int = 16, progress: bool = True, **options: Any) -> Generation:
     """Generate one image per prompt (image i from seed + i) under a mitigation, with a report per image.
@@ -114,10 +121,7 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str | Mitigation 
     # (whose ε_u wen reuses), so that the calibrated threshold means the same under every sampler.
     free = schedule_gives_detection_score(model)
     if method.needs_score_before or not free:
-        parts = [first_step_scores(model, request.embeds[lo:lo + batch_size], request.x_T[lo:lo + batch_size])
-                 for lo in range(0, len(prompts), batch_size)]
-        request.score_before = torch.cat([score.cpu() for score, _ in parts])
-        request.uncond_eps = torch.cat([u for _, u in parts])
+        request.score_before, request.uncond_eps = _detection_scores(model, request, batch_size)
     method.prepare(request)
     out = sample(model, prompts, seeds, latents=request.x_T, prompt_embeds=request.embeds, batch_size=batch_size,
                  progress=progress, pieces=method.pieces(request))
@@ -125,9 +129,7 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str | Mitigation 
     before = request.score_before if request.score_before is not None else out.scores[:, 0]
     after = out.scores[:, 0]
     if not free:   # the detection score of what was sampled, comparable with the threshold
-        after = before if not method.needs_score_before else torch.cat(
-            [first_step_scores(model, request.embeds[lo:lo + batch_size], request.x_T[lo:lo + batch_size])[0].cpu()
-             for lo in range(0, len(prompts), batch_size)])
+        after = _detection_scores(model, request, batch_size)[0] if method.needs_score_before else before
     reports = [MitigationReport(prompt=p, seed=seeds[i], method=name, applied=request.applied[i],
                                 score_before=float(before[i]), score_after=float(after[i]),
                                 used_prompt=request.used_prompts[i] if request.used_prompts[i] != p else None,

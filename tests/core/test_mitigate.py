@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import memfree
+from memfree.detect import detection_scores
 from memfree.mitigate import generate, keep_mask
 from memfree.mitigate.baselines import (caption_word_repetition, gaussian_noise, random_number_addition,
                                         random_token_addition)
@@ -26,7 +27,12 @@ def test_none_matches_plain_sampling_scores(model):
     ref = sample(model, PROMPTS, 3, progress=False)
     assert torch.allclose(g.images, ref.images, atol=1e-5)
     before = torch.tensor([r.score_before for r in g.reports])
-    assert torch.allclose(before, ref.scores[:, 0], atol=1e-4)
+    # 4 steps: the loop's first step is not the detection input, so the report's score is the detection score
+    detection = torch.tensor([float(detection_scores(model, [p], seed=3 + i)[0, 0]) for i, p in enumerate(PROMPTS)])
+    assert torch.allclose(before, detection, atol=1e-5) and not torch.allclose(before, ref.scores[:, 0], atol=1e-3)
+    full = model.with_settings(num_inference_steps=50)   # there the loop's first step gives it for free
+    assert torch.allclose(torch.tensor([r.score_before for r in generate(full, PROMPTS, "none", seed=3, progress=False)
+                                        .reports]), detection, atol=1e-5)
     assert not any(r.applied for r in g.reports)
 
 
