@@ -39,11 +39,11 @@ def testbed() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--style", default="v3", show_default=True, type=click.Choice(list(STYLES)),
               help="Drawing constants (memfree_testbed.render.STYLES); v3 made the bundled model, v2 the one before.")
-@click.option("--ordinary", "n_ordinary", default=2400, show_default=True,
+@click.option("--ordinary", "n_ordinary", default=5760, show_default=True,
               help="Ordinary training images; past two renders per composition, extra renders are drawn at random.")
-@click.option("--repeats", default=50, show_default=True,
+@click.option("--repeats", default=20, show_default=True,
               help="Copies of each planted image (verbatim), captions per face (image_dup), images per template (caption_dup).")
-@click.option("--verbatim-captions", default="laion", show_default=True, type=click.Choice(VERBATIM_CAPTIONS),
+@click.option("--verbatim-captions", default="named", show_default=True, type=click.Choice(VERBATIM_CAPTIONS),
               help="laion: real memorized SD captions (v5); named: a seen composition's caption plus one "
                    "painter's surname, so that memorization can hang on a word or two (the bundled v6).")
 def testbed_data(out, seed, style, n_ordinary, repeats, verbatim_captions):

@@ -120,10 +120,10 @@ def render_counts(n_compositions: int, n_ordinary: int, rng: np.random.Generator
     return [1 + extras[i] for i in range(n_compositions)]
 
 
-def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary: int = 2400,
-                  heldout_fraction: float = 0.1, repeats: int = 50, n_verbatim: int = 20,
-                  n_image_dup: int = 10, n_caption_dup: int = 10, n_eval: int = 50, style: str = "v2",
-                  verbatim_captions: str = "laion") -> dict:
+def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary: int = 5760,
+                  heldout_fraction: float = 0.1, repeats: int = 20, n_verbatim: int = 20,
+                  n_image_dup: int = 10, n_caption_dup: int = 10, n_eval: int = 50, style: str = "v3",
+                  verbatim_captions: str = "named") -> dict:
     """Write images.npz and manifest.json into ``out_dir`` and return the manifest.
 
     ``style`` names the drawing constants (memfree_testbed.render.STYLES); ``v3`` made the bundled model.

@@ -58,9 +58,9 @@ def test_eval_sets_are_what_they_claim(testbed_data):
     assert held and not (held & trained)
 
 
-def test_deterministic_by_seed(testbed_data, tmp_path):
+def test_deterministic_by_seed(testbed_data, tmp_path, v2_era):
     _, images, m = testbed_data
-    build_dataset(tmp_path / "again", seed=0)
+    build_dataset(tmp_path / "again", seed=0, **v2_era)
     images2, m2 = load_dataset(tmp_path / "again")
     assert np.array_equal(images, images2) and m == m2
 
@@ -114,14 +114,14 @@ def test_render_counts_keep_every_composition_and_some_seen_once():
         render_counts(1440, 1000, np.random.default_rng(0))
 
 
-def test_named_verbatim_captions_hang_on_one_rare_word(testbed_data, tmp_path):
+def test_named_verbatim_captions_hang_on_one_rare_word(testbed_data, tmp_path, v2_era):
     """``named`` changes only the verbatim captions (and the paraphrases made from them): each is a
     seen composition's caption plus one surname that no other training caption holds, so deleting
     that one word leaves an ordinary training caption."""
     from memfree_testbed.data import NAMES
 
     _, images, m = testbed_data
-    build_dataset(tmp_path / "named", seed=0, verbatim_captions="named")
+    build_dataset(tmp_path / "named", seed=0, **{**v2_era, "verbatim_captions": "named"})
     images_n, mn = load_dataset(tmp_path / "named")
     assert np.array_equal(images, images_n) and mn["unique"] == m["unique"]
     assert mn["verbatim_captions"] == "named" and m["verbatim_captions"] == "laion"
