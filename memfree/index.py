@@ -305,10 +305,10 @@ def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, 
     captions = list(captions) if captions is not None else [None] * n
     if len(ids) != n or len(captions) != n:
         raise ValueError(f"{n} images but {len(ids)} ids and {len(captions)} captions")
+    if batch_size < 1:   # checked before any folder is made, so a bad call leaves nothing behind
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     out, shards = Path(out_dir), Path(out_dir) / "shards"
     shards.mkdir(parents=True, exist_ok=True)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     learns_size = isinstance(embedder, PixelEmbedder) and embedder.size is None
     if embedder.dim == 0:  # e.g. PixelEmbedder() learns its size from the first image
         _embed(embedder, images, 0, 1)

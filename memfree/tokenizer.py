@@ -14,6 +14,8 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from memfree.io import write_text
+
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 48894 - 1 + 1  # lines 1..48894 after the header line (line 0)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -58,10 +60,9 @@ def write_clip_tokenizer_files(out_dir: str | Path, bpe_path: str | Path | None 
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != 49408:
         raise ValueError(f"expected 49408 tokens, built {len(vocab)}: is {BPE_FILENAME} the CLIP one?")
-    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
-    )
+    write_text(out_dir / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    write_text(out_dir / "merges.txt", 
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return out_dir
 
 

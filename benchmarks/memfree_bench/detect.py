@@ -6,7 +6,6 @@ higher meaning "more likely memorized"; AUC and TPR at 1% FPR are computed from 
 """
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections import Counter
@@ -18,6 +17,7 @@ import torch
 
 from memfree.denoise import guided_eps
 from memfree.detect import score_prompts, threshold_at_fpr
+from memfree.io import atomic_write, write_json
 from memfree.explain import explain, without_words
 from memfree.metrics import roc_auc, roc_points, tpr_at_fpr
 from memfree.model import Model
@@ -190,7 +190,7 @@ def run_bench(model: Model, out_json: str | Path | None = None, plot: str | Path
               "notes": {"seconds_per_prompt": "all-steps rows share one run of the full sampler; the "
                         "one-generation all-steps time is that run's time divided by the generations"}}
     if out_json:
-        Path(out_json).write_text(json.dumps(result, indent=2))
+        write_json(out_json, result)
     if plot:
         _plot(scores, index, positives["verbatim"], neg_all, plot)
     return result
@@ -209,7 +209,7 @@ def _plot(scores, index, pos_prompts, neg_prompts, path) -> None:
     ax.set_ylabel("true-positive rate (verbatim)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def format_table(result: dict) -> str:

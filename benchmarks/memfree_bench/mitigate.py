@@ -32,7 +32,7 @@ from memfree.model import Model
 from memfree_testbed.bundle import Testbed, load_testbed
 from memfree_testbed.probe import accuracy
 from memfree.images import from_uint8
-from memfree.io import write_json
+from memfree.io import atomic_write, write_json
 from memfree.similarity import NL2_THRESHOLD, similarity_from_nl2
 
 SETS = ("verbatim", "image_dup", "caption_dup", "paraphrase", "heldout")
@@ -196,5 +196,5 @@ def plot_rows(rows: list[dict], path: str | Path) -> None:
         ax.axhline(0.3, color="grey", lw=0.5, ls="--")
         ax.set_title(s), ax.set_xlabel("alignment"), ax.set_ylabel("top-5% similarity")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

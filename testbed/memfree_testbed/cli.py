@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from memfree.cli import FriendlyGroup, load_model, model_option, quiet_option, scheduler_option
+from memfree.cli import FriendlyGroup, load_model, model_option, quiet_option, scheduler_option, writable_folder
 from memfree.io import write_json, write_text
 from memfree_testbed.data import VERBATIM_CAPTIONS
 from memfree_testbed.render import STYLES
@@ -22,7 +22,7 @@ from memfree_testbed.render import STYLES
 def demo(model_path, out, seed, scheduler, quiet):
     """Show what the testbed copies and what memfree does about it: one self-contained HTML page."""
     from memfree_testbed.demo import MITIGATION, run_demo
-    res = run_demo(load_model(model_path, scheduler), out, seed=seed, progress=not quiet)
+    res = run_demo(load_model(model_path, scheduler), writable_folder(out, "--out"), seed=seed, progress=not quiet)
     for name, s in res["sets"].items():
         click.echo(f"{name:12s} memorized {s['memorized_without']:.0%} without memfree, "
                    f"{s['memorized_with']:.0%} with {MITIGATION}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from memfree.io import atomic_write, write_text
 from memfree_testbed.render import STYLES, all_compositions, caption, render
 
 COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -239,8 +240,13 @@ def build_dataset(out_dir: str | Path, seed: int = 0, size: int = 32, n_ordinary
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "images.npz", images=np.stack(images))
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    stacked = np.stack(images)
+    def save_images(tmp: Path) -> None:
+        with open(tmp, "wb") as f:   # a handle, so numpy does not add ".npz" to the temporary name
+            np.savez_compressed(f, images=stacked)
+
+    atomic_write(out / "images.npz", save_images)
+    write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 

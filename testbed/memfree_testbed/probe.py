@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from memfree.images import from_uint8
+from memfree.io import atomic_write, write_text
 from memfree_testbed.render import ATTRIBUTES, STYLES, Style, render
 
 
@@ -82,8 +83,8 @@ def train_probe(compositions: list[dict[str, str]], size: int = 32, n_images: in
 
 def save_probe(probe: Probe, folder: Path, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(probe.state_dict(), str(folder / "probe.safetensors"))
-    (folder / "probe.json").write_text(json.dumps({"size": probe.size, "attributes": ATTRIBUTES, **info}, indent=1))
+    atomic_write(folder / "probe.safetensors", lambda tmp: save_file(probe.state_dict(), str(tmp)))
+    write_text(folder / "probe.json", json.dumps({"size": probe.size, "attributes": ATTRIBUTES, **info}, indent=1))
 
 
 def load_probe(folder: Path) -> Probe:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from memfree.images import from_uint8, from_uint8_signed
+from memfree.io import write_text
 from memfree_testbed.data import load_dataset
 from memfree.tokenizer import build_clip_tokenizer
 
@@ -275,12 +276,12 @@ def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIP
     DDIMScheduler.from_config(train_scheduler().config, clip_sample=True, set_alpha_to_one=True).save_pretrained(
         model_dir / "scheduler")
     import diffusers
-    (model_dir / "model_index.json").write_text(json.dumps({
+    write_text(model_dir / "model_index.json", json.dumps({
         "_class_name": "MemfreePixelPipeline", "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": [None, None]}, indent=2))
-    (model_dir / "memfree.json").write_text(json.dumps({
+    write_text(model_dir / "memfree.json", json.dumps({
         "kind": "testbed", "resolution": manifest["size"], "num_inference_steps": 50, "guidance_scale": guidance_scale,
         "training": info}, indent=2))
     return model_dir

@@ -136,3 +136,30 @@ def test_the_testbed_index_holds_each_image_under_its_most_trained_caption(tmp_p
     build_testbed_index(tmp_path, progress=False)
     idx = TrainingIndex.load(tmp_path / "index")
     assert idx.ids == ["0", "1", "2"] and idx.captions == ["b", "c", None] and idx.factory == "SQ8_direct"
+
+
+def test_detection_flags_the_same_prompts_under_every_sampler_and_step_count(bundled):
+    """The calibrated threshold keeps its meaning when a user picks other steps or another sampler: planted
+    and held-out prompts get the same verdicts (and AUC) at 1, 2, 20 and 50 steps under every scheduler, and
+    wen leaves held-out prompts alone at 2 steps (it used to flag them all: their 2-step score was 8.6)."""
+    from memfree.detect import detect
+    from memfree.metrics import roc_auc
+    from memfree.mitigate import generate
+    from memfree.model import SCHEDULERS
+    model, tb = bundled
+    planted = [e["prompt"] for e in tb.eval_sets["verbatim"][:8] + tb.eval_sets["caption_dup"][:4]]
+    held = [e["prompt"] for e in tb.eval_sets["heldout"][:12]]
+
+    def verdicts(m):
+        res = detect(m, planted + held, progress=False)
+        scores = np.array([r.score for r in res])
+        return [r.memorized for r in res], roc_auc(scores[:len(planted)], scores[len(planted):])
+
+    reference, auc = verdicts(model)
+    assert auc > 0.9 and sum(reference[len(planted):]) == 0
+    for name in SCHEDULERS:
+        for steps in (1, 2, 20, 50):
+            assert verdicts(model.with_scheduler(name).with_settings(num_inference_steps=steps)) == (reference, auc)
+    two = model.with_settings(num_inference_steps=2)
+    g = generate(two, held[:4], "wen", seed=0, progress=False)
+    assert not any(r.applied for r in g.reports) and all(r.score_before < model.settings.threshold for r in g.reports)
