@@ -183,7 +183,7 @@ class TrainingIndex:
             raise FileNotFoundError(f"index at {path} is {state} (no meta.json); (re)run `memfree index build`")
         try:
             meta = json.loads((path / "meta.json").read_text())
-            stored = meta["embedder"]
+            stored, count, factory = meta["embedder"], int(meta["count"]), str(meta["factory"])
             items = [json.loads(line) for line in (path / "items.jsonl").read_text().splitlines() if line.strip()]
             index = faiss.read_index(str(path / "index.faiss"))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -194,10 +194,10 @@ class TrainingIndex:
         elif isinstance(embedder, PixelEmbedder) and embedder.dim == 0 and stored["kind"] == "pixel":
             embedder.size, embedder.dim = stored.get("size"), stored["dim"]
         _check_spec(stored, embedder.spec(), f"index at {path}")
-        if not (index.ntotal == len(items) == meta["count"]):
+        if not (index.ntotal == len(items) == count):
             raise ValueError(f"index at {path} is inconsistent; rerun `memfree index build`")
         return cls(embedder, index, [str(it["id"]) for it in items], [it.get("caption") for it in items],
-                   meta["factory"], meta.get("nprobe"), path)
+                   factory, meta.get("nprobe"), path)
 
     def search(self, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The k nearest stored vectors of each query (B, dim): (distances for l2 / cosine similarities, positions),

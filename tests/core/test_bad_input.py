@@ -61,6 +61,7 @@ CASES = [  # (arguments, exit code, text the one-line error must hold); {sd}, {t
     (["generate", "a", "--model", "{sd}", "--index", "{files}/plain.txt", *G[1:]], 1, "plain.txt"),
     (["generate", "a", "--model", "{sd}", "--index", "{indexes}/badmeta", *G[1:]], 1, "badmeta"),
     (["generate", "a", "--model", "{sd}", "--index", "{indexes}/truncated", *G[1:]], 1, "truncated"),
+    (["generate", "a", "--model", "{sd}", "--index", "{indexes}/nocount", *G[1:]], 1, "nocount is broken"),
     (["detect", "a", "--model", "{sd}", "--steps", "0"], 2, "--steps"),
     (["detect", "a", "--model", "{sd}", "--generations", "0"], 2, "--generations"),
     (["detect", "a", "--model", "{sd}", "--steps", "999"], 1, "exceeds"),
@@ -135,6 +136,10 @@ def places(tmp_path_factory, tiny_sd_path):
     assert ok.exit_code == 0, ok.output
     shutil.copytree(indexes / "good", indexes / "badmeta")
     (indexes / "badmeta" / "meta.json").write_text("{")
+    shutil.copytree(indexes / "good", indexes / "nocount")
+    meta = json.loads((indexes / "nocount" / "meta.json").read_text())
+    del meta["count"]
+    (indexes / "nocount" / "meta.json").write_text(json.dumps(meta))
     shutil.copytree(indexes / "good", indexes / "truncated")
     data = (indexes / "truncated" / "index.faiss").read_bytes()
     (indexes / "truncated" / "index.faiss").write_bytes(data[: len(data) // 2])
