@@ -38,6 +38,11 @@ def register_model(name: str, folder: str | Path | Callable[[], Path]) -> None:
     _registered[name] = folder if callable(folder) else (lambda: Path(folder))
 
 
+def unregister_model(name: str) -> None:
+    """Forget a model registered in code with :func:`register_model` (entry points stay)."""
+    _registered.pop(name, None)
+
+
 def named_models() -> dict[str, Callable[[], Path]]:
     """Models that can be opened by name: those registered by installed packages' entry points, then in code."""
     found = {ep.name: (lambda ep=ep: Path(ep.load()())) for ep in entry_points(group=ENTRY_POINT_GROUP)}

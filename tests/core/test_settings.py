@@ -48,12 +48,17 @@ def test_calibration_of_a_read_only_folder_goes_to_a_user_sidecar(model_copy, us
 
 def test_a_model_opened_by_name_is_calibrated_in_the_sidecar(model_copy, user_home):
     memfree.register_model("my-sd", model_copy)
-    model = memfree.load("my-sd").with_settings(num_inference_steps=3)
-    assert model.name == "my-sd" and model.label == "my-sd"
-    entry = calibrate(model, ["a cat", "a dog", "a tree", "a house"], fpr=0.25, progress=False,
-                          min_prompts=4)
-    assert entry["saved_to"] == str(sidecar_path(model_copy)) and not (model_copy / "memfree.json").exists()
-    assert memfree.load("my-sd").settings.threshold == entry["threshold"]
+    try:
+        model = memfree.load("my-sd").with_settings(num_inference_steps=3)
+        assert model.name == "my-sd" and model.label == "my-sd"
+        entry = calibrate(model, ["a cat", "a dog", "a tree", "a house"], fpr=0.25, progress=False, min_prompts=4)
+        assert entry["saved_to"] == str(sidecar_path(model_copy)) and not (model_copy / "memfree.json").exists()
+        assert memfree.load("my-sd").settings.threshold == entry["threshold"]
+        with pytest.raises(memfree.ModelError, match="no single named model"):
+            memfree.load()                               # two named models: no default to guess
+    finally:
+        memfree.unregister_model("my-sd")
+    assert "my-sd" not in memfree.named_models()
 
 
 def test_loading_a_model_leaves_the_process_logging_as_it_was(tiny_sd_path):
