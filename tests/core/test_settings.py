@@ -29,13 +29,14 @@ def test_calibration_goes_into_a_writable_model_folder(model_copy):
     assert not sidecar_path(model_copy).exists()
 
 
-def test_calibration_of_a_read_only_folder_goes_to_a_user_sidecar(model_copy, user_home):
+def test_calibration_of_a_read_only_folder_goes_to_a_user_sidecar(model_copy, user_home, monkeypatch):
     before = {p: p.read_bytes() for p in model_copy.rglob("*") if p.is_file()}
     os.chmod(model_copy, 0o555)
+    if os.access(model_copy, os.W_OK):   # root writes anywhere: let the folder look read-only as it would to a user
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(model_copy)) else real(p, mode))
     try:
         model = memfree.load(model_copy).with_settings(num_inference_steps=3)
-        if os.access(model_copy, os.W_OK):
-            pytest.skip("running as a user that can write into read-only folders")
         entry = calibrate(model, ["a cat", "a dog", "a tree", "a house"], fpr=0.25, progress=False,
                           min_prompts=4)
     finally:
