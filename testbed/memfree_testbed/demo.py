@@ -57,11 +57,12 @@ def _png(img: np.ndarray | torch.Tensor, scale: int = 3, cls: str = "") -> str:
     return f'<img class="{cls}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _coloured_words(words: list[str], significance: list[float]) -> str:
-    """The prompt's words on a red background as strong as each word's share of the largest significance."""
-    top = max(max(significance, default=0.0), 1e-12)
-    return " ".join(f'<span class="word" title="{s:.3f}" style="background:rgba(220,0,0,{max(0.0, s / top):.2f})">'
-                    f"{html.escape(w)}</span>" for w, s in zip(words, significance))
+def _coloured_words(words: list[str], significance: list[float], scale: float | None) -> str:
+    """The prompt's words on a red background, full red where deleting the word lowers the detection score by
+    ``scale`` (the calibrated threshold) or more; so an ordinary prompt's words stay pale."""
+    top = scale if scale else max(max(significance, default=0.0), 1e-12)
+    return " ".join(f'<span class="word" title="{s:.3f}" style="background:rgba(220,0,0,'
+                    f'{min(1.0, max(0.0, s / top)):.2f})">{html.escape(w)}</span>' for w, s in zip(words, significance))
 
 
 def _verdict(nl2: float) -> str:
@@ -113,7 +114,7 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
             note = ("<div class='note'>bit-identical to the generation without memfree: AMG's gate never fired"
                     "</div>" if untouched else "")
             body.append(
-                f"<tr class='row'><td>{_coloured_words(ex.words, ex.significance)}</td>"
+                f"<tr class='row'><td>{_coloured_words(ex.words, ex.significance, threshold)}</td>"
                 f"<td class='{'mem' if flagged else 'ok'}'>{score:.3f} {verdict}</td><td>{left}</td>"
                 f"<td>{_png(base.images[i], cls='without')}<br>{_verdict(float(near_base.nl2[i]))}</td>"
                 f"<td>{_png(tb.images[int(near_base.ids[i])])}</td>"
@@ -129,7 +130,7 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
             f"generation is memorized when its nearest training image has nL2 &lt; {NL2_THRESHOLD} (AMG's "
             "normalised ℓ2). Detection is Wen et al.'s first-step score against the model's calibrated threshold"
             f"{'' if threshold is None else f' ({threshold:.3f})'}; a word's colour is how much the score falls "
-            "when it is deleted.</p>", _summary_table(summary, ratio, mitigation)]
+            "when it is deleted (full red: by the threshold or more).</p>", _summary_table(summary, ratio, mitigation)]
     total = time.perf_counter() - t0
     page = "\n".join(head + body + [f"<p class='note'>Made in {total:.1f} s.</p>"])
     write_text(out_dir / "index.html", page)
