@@ -47,10 +47,9 @@ def first_step_scores(model: Model, embeds: torch.Tensor, x_T: torch.Tensor, gra
                       uncond_eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image detection score ‖ε_c − ε_u‖₂ at x_T and the detection timestep, for given conditional
     embeddings (differentiable with ``grad``); also returns ε_u for reuse."""
-    x, t, a = detection_input(model, x_T)
     if uncond_eps is None:
-        with torch.no_grad():
-            uncond_eps = branch_eps(model, x, t, model.encode([""]).expand(len(x), -1, -1), a)
+        uncond_eps = first_step_uncond_eps(model, x_T)
+    x, t, a = detection_input(model, x_T)
     with torch.set_grad_enabled(grad):
         eps_c = branch_eps(model, x, t, embeds, a)
     return (eps_c - uncond_eps).flatten(1).norm(dim=1), uncond_eps
