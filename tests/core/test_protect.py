@@ -1,0 +1,194 @@
+"""memfree.protect on the user's own diffusers pipelines: tiny randomly initialised SD 1.x (PNDM, ε), SD 2.x (v),
+SDXL and SD3 pipelines saved in safetensors and opened with ``from_pretrained``."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+
+import memfree
+from memfree.detect import first_step_scores
+from memfree.index import PixelEmbedder, build_index
+from memfree.protect import Guard, protect
+
+PROMPT = "a red circle on a blue background"
+KW = dict(height=32, width=32, output_type="np")
+
+
+def _open(path, family):
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
+    pipe = DiffusionPipeline.from_pretrained(path, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(params=["sd", "sd_v", "sdxl", "sd3"])
+def family_pipe(request):
+    path = request.getfixturevalue({"sd": "tiny_sd_path", "sd_v": "tiny_sd_v_path", "sdxl": "tiny_sdxl_path",
+                                    "sd3": "tiny_sd3_path"}[request.param])
+    return request.param, _open(path, "sd3" if request.param == "sd3" else "sd")
+
+
+def _gen(pipe, seed=0, steps=4, **kw):
+    return pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                num_images_per_prompt=2, **KW, **kw)
+
+
+def test_detection_only_is_bit_identical_and_remove_restores(family_pipe):
+    family, pipe = family_pipe
+    klass, denoiser = type(pipe), (pipe.transformer if family == "sd3" else pipe.unet)
+    before = _gen(pipe).images
+    guard = protect(pipe, threshold=0.5)
+    out = _gen(pipe)
+    assert np.array_equal(out.images, before)
+    assert len(out.memorization) == 2
+    for r in out.memorization:
+        assert r.score > 0 and r.flagged == (r.score > 0.5) and not r.mitigated
+        assert len(r.scores) >= 4 and all(s > 0 for s in r.scores)
+    assert out.memorization[0].score != out.memorization[1].score   # each image its own x_T
+    guard.remove()
+    assert type(pipe) is klass
+    assert not denoiser._forward_hooks and not denoiser._forward_pre_hooks
+    again = _gen(pipe)
+    assert not hasattr(again, "memorization") and np.array_equal(again.images, before)
+
+
+def test_callbacks_and_negative_prompts_still_work(tiny_sd_path):
+    pipe = _open(tiny_sd_path, "sd")
+    seen = []
+
+    def callback(p, i, t, kwargs):
+        seen.append(int(t))
+        return kwargs
+
+    plain = _gen(pipe, negative_prompt="blurry").images
+    with protect(pipe):
+        out = _gen(pipe, negative_prompt="blurry", callback_on_step_end=callback)
+    assert np.array_equal(out.images, plain) and seen == [int(t) for t in pipe.scheduler.timesteps]
+
+
+@pytest.mark.parametrize("path_fixture", ["tiny_sd_path", "tiny_sd_v_path"])
+@pytest.mark.parametrize("scheduler", ["pndm-4", "ddim-50"])
+def test_detection_score_equals_memfree_loop(request, path_fixture, scheduler):
+    """The free score (DDIM, 50 steps: the first step is the detection input) and the extra pass (PNDM, 4 steps)
+    both equal memfree's own first-step score on the same x_T."""
+    path = request.getfixturevalue(path_fixture)
+    model = memfree.load(path)
+    pipe = _open(path, "sd")
+    steps = 4
+    if scheduler == "ddim-50":
+        pipe.scheduler, steps = DDIMScheduler.from_config(pipe.scheduler.config), 50
+    x_T = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(3))
+    with protect(pipe) as guard:
+        out = pipe([PROMPT, "a cat"], num_inference_steps=steps, latents=x_T.clone(), **KW)
+    assert guard.removed is False or True
+    ours, _ = first_step_scores(model, model.encode([PROMPT, "a cat"]), x_T)
+    got = torch.tensor([r.score for r in out.memorization])
+    assert out.memorization[0].score_source == ("free" if scheduler == "ddim-50" else "extra pass")
+    assert torch.allclose(got, ours.float(), rtol=2e-5, atol=0)
+
+
+def test_sd3_score_is_velocity_difference(tiny_sd3_path):
+    pipe = _open(tiny_sd3_path, "sd3")
+    x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    with protect(pipe):
+        out = pipe(PROMPT, num_inference_steps=3, latents=x_T.clone(), **KW)
+    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=True)
+    pipe.scheduler.set_timesteps(3)
+    t = pipe.scheduler.timesteps[:1]
+    with torch.no_grad():
+        v = pipe.transformer(hidden_states=torch.cat([x_T, x_T]), timestep=t.expand(2),
+                             encoder_hidden_states=torch.cat([neg, embeds]),
+                             pooled_projections=torch.cat([neg_pooled, pooled]), return_dict=False)[0]
+    expected = float((v[1] - v[0]).flatten().norm())
+    assert out.memorization[0].score == pytest.approx(expected, rel=2e-5)
+
+
+def _plant(tmp_path, copies: np.ndarray) -> object:
+    """A pixel index holding ``copies`` (what the model makes for PROMPT) among 60 random images."""
+    noise = np.random.default_rng(1).uniform(size=(60, *copies.shape[1:]))
+    images = (np.concatenate([copies, noise]) * 255).round().astype(np.uint8)
+    captions = [PROMPT] * len(copies) + [f"random picture {i}" for i in range(60)]
+    return build_index(images, tmp_path / "index", PixelEmbedder(), captions=captions, progress=False)
+
+
+STRONG = dict(c1=1.0, c2=1.0, c3=50.0, terms=("spe", "dup", "sim"), grid=0, always_on=True, check_every=1)
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_amg_moves_a_copy_away_and_leaves_clean_prompts_alone(request, tmp_path, family):
+    path = request.getfixturevalue({"sd": "tiny_sd_path", "sdxl": "tiny_sdxl_path", "sd3": "tiny_sd3_path"}[family])
+    pipe = _open(path, family)
+    copy = _gen(pipe, steps=6).images                     # what the model makes for this prompt: put it in the index
+    index = _plant(tmp_path, copy)
+    with protect(pipe, index=index) as g:           # detection only, with the nearest training image reported
+        plain = _gen(pipe, steps=6)
+    with protect(pipe, "amg", index=index, **{**STRONG, "c3": 2000.0}) as guard:   # a random VAE needs a big step
+        out = _gen(pipe, steps=6)
+    for before, after in zip(plain.memorization, out.memorization):
+        assert before.similarity == pytest.approx(1.0, abs=0.01)     # unprotected: the planted image itself
+        assert after.mitigated and after.amg["fired_steps"]["sim"]
+        assert after.similarity < before.similarity - 0.05          # AMG moved away from it
+    # a gate that never opens: bit-identical, nothing reported as mitigated
+    with protect(pipe, "amg", index=index, lam_lo=5.0, lam_hi=5.0):
+        clean = _gen(pipe, steps=6)
+    assert np.array_equal(clean.images, copy)
+    assert not any(r.mitigated for r in clean.memorization)
+    assert guard.removed and g.removed
+
+
+def test_amg_through_protect_equals_memfree_own_loop(tiny_sd_path, tmp_path):
+    """Same model, x_T, scheduler and AMG settings: the pipeline under protect and memfree's loop agree."""
+    from memfree.guidance import AMG, config_for
+    from memfree.sampling import sample
+
+    model = memfree.load(tiny_sd_path).with_settings(num_inference_steps=6)
+    pipe = _open(tiny_sd_path, "sd")
+    pipe.scheduler = model.new_scheduler()
+    x_T = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(5))
+    own = sample(model, [PROMPT], latents=x_T, progress=False).images
+    index = _plant(tmp_path, own.permute(0, 2, 3, 1).numpy())
+    piece = AMG(index, config_for("amg", "l2", **STRONG))
+    ours = sample(model, [PROMPT], latents=x_T, pieces=[piece], progress=False).images
+    with protect(pipe, "amg", index=index, **STRONG):
+        out = pipe(PROMPT, num_inference_steps=6, guidance_scale=model.settings.guidance_scale, latents=x_T.clone(),
+                   output_type="pt", **{k: v for k, v in KW.items() if k != "output_type"})
+    assert out.memorization[0].amg["fired_steps"] == piece.summary(0)["fired_steps"]
+    assert (out.images.float() - ours).abs().max() < 1e-3
+
+
+def test_wen_changes_only_flagged_images(tiny_sd_path):
+    pipe = _open(tiny_sd_path, "sd")
+    plain = _gen(pipe).images
+    with protect(pipe, "wen", threshold=1e6):           # nothing is flagged: bit-identical
+        out = _gen(pipe)
+    assert np.array_equal(out.images, plain) and not any(r.mitigated for r in out.memorization)
+    with protect(pipe) as g:
+        scores = [r.score for r in _gen(pipe).memorization]
+    with protect(pipe, "wen", threshold=min(scores) * 0.5, max_iters=5):
+        out = _gen(pipe)
+    assert all(r.mitigated for r in out.memorization)
+    assert not np.array_equal(out.images, plain)
+
+
+def test_clear_errors(tiny_sd_path):
+    pipe = _open(tiny_sd_path, "sd")
+    with pytest.raises(TypeError, match="StableDiffusionPipeline"):
+        protect(object())
+
+    class FluxPipeline:
+        pass
+
+    with pytest.raises(TypeError, match="guidance-distilled"):
+        protect(FluxPipeline())
+    with pytest.raises(ValueError, match="index"):
+        protect(pipe, "amg")
+    with pytest.raises(ValueError, match="unknown option"):
+        protect(pipe, "wen", threshold=1.0, c3=5)
+    with pytest.raises(ValueError, match="unknown mitigation"):
+        protect(pipe, "magic")
+    with pytest.raises(ValueError, match="threshold"):
+        protect(pipe, "wen")
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and not pipe.unet._forward_hooks
+    assert isinstance(protect(pipe), Guard)
