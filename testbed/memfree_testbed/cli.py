@@ -43,13 +43,14 @@ def testbed() -> None:
               help="Ordinary training images; past two renders per composition, extra renders are drawn at random.")
 @click.option("--repeats", default=20, show_default=True,
               help="Copies of each planted image (verbatim), captions per face (image_dup), images per template (caption_dup).")
+@click.option("--size", default=32, show_default=True, help="Image side: 32 for the pixel testbed, 64 for the latent one.")
 @click.option("--verbatim-captions", default="named", show_default=True, type=click.Choice(VERBATIM_CAPTIONS),
               help="laion: real memorized SD captions (v5); named: a seen composition's caption plus one "
                    "painter's surname, so that memorization can hang on a word or two (the bundled v6).")
-def testbed_data(out, seed, style, n_ordinary, repeats, verbatim_captions):
+def testbed_data(out, seed, style, n_ordinary, repeats, size, verbatim_captions):
     """Write the testbed data set with planted memorization and its ground truth."""
     from memfree_testbed.data import build_dataset
-    m = build_dataset(out, seed=seed, style=style, n_ordinary=n_ordinary, repeats=repeats,
+    m = build_dataset(out, seed=seed, size=size, style=style, n_ordinary=n_ordinary, repeats=repeats,
                       verbatim_captions=verbatim_captions)
     click.echo(json.dumps(m["counts"]))
 
@@ -69,9 +70,11 @@ def testbed_data(out, seed, style, n_ordinary, repeats, verbatim_captions):
               help="CFG scale the exported model samples with by default (written to memfree.json).")
 @click.option("--token-init-std", type=float, default=1.0, show_default=True,
               help="Init scale of the text encoder's token embeddings (0.02, CLIP's, made the earlier v2 model; 1.0 the bundled one).")
+@click.option("--vae", "vae_dir", default=None,
+              help="A trained autoencoder (`memfree testbed vae`): train on its latents, export a Stable Diffusion folder.")
 @quiet_option
 def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter_threshold, device, guidance,
-                  token_init_std, quiet):
+                  token_init_std, vae_dir, quiet):
     """Train (or resume) the testbed model, then attach its ground truth and alignment probe."""
     from functools import partial
     from memfree.mitigate import keep_mask
@@ -79,12 +82,41 @@ def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter
     keep = None if filter_threshold is None else partial(keep_mask, threshold=filter_threshold)
     model_dir = train(data_dir, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, quiet=quiet,
                       stop_after=stop_after, keep_mask_fn=keep, device=device, guidance_scale=guidance,
-                      token_init_std=token_init_std)
+                      token_init_std=token_init_std, vae_dir=vae_dir)
     if model_dir is None:
         click.echo(f"stopped with a checkpoint in {out}; run again to resume")
         return
     info = finish_model(model_dir, data_dir, quiet=quiet)
     click.echo(f"model in {model_dir}; probe accuracy on held-out renders {info['probe_accuracy']:.3f}")
+
+
+@testbed.command("vae")
+@click.option("--data", "data_dir", required=True, help="Folder written by `memfree testbed data --size 64`.")
+@click.option("--out", required=True, help="Run folder: checkpoints, then the autoencoder in OUT/vae.")
+@click.option("--steps", default=2500, show_default=True, help="Total steps (also the length of the LR schedule).")
+@click.option("--stop-after", type=int, default=None, help="Stop this call after N steps with a checkpoint.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@quiet_option
+def testbed_vae(data_dir, out, steps, stop_after, batch_size, lr, seed, quiet):
+    """Train (or resume) the latent testbed's autoencoder on a data set's images."""
+    from memfree_testbed.vae import train_vae
+    folder = train_vae(data_dir, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, stop_after=stop_after,
+                       quiet=quiet)
+    click.echo(f"stopped with a checkpoint in {out}; run again to resume" if folder is None else f"autoencoder in {folder}")
+
+
+@testbed.command("embedder")
+@click.option("--data", "data_dir", required=True, help="Folder written by `memfree testbed data`.")
+@click.option("--out", required=True, help="Run folder: checkpoints, then OUT/embedder.pt (TorchScript).")
+@click.option("--steps", default=1500, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@quiet_option
+def testbed_embedder(data_dir, out, steps, seed, quiet):
+    """Train (or resume) the copy-detection embedder in the SSCD manner on a data set's images."""
+    from memfree_testbed.embedder import train_embedder
+    click.echo(f"embedder in {train_embedder(data_dir, out, steps=steps, seed=seed, quiet=quiet)}")
 
 
 @testbed.command("export")

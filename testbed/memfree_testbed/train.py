@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -31,13 +31,19 @@ TEXT_DIM = 64
 GUIDANCE_SCALE = 2.0  # sampling default written to memfree.json (chosen by a sweep, README)
 
 
-def make_unet(size: int = 32) -> UNet2DConditionModel:
-    """A 5.4M-parameter pixel-space UNet; cross-attention only at 8×8 and 4×4 where it is cheap on a
-    CPU, plus a pooled text embedding added to the time embedding (diffusers' ``addition_embed_type=
-    "text"``) so that every resnet, at every resolution, sees the caption."""
+PIXEL_CHANNELS = (32, 64, 96, 128)
+LATENT_CHANNELS = (48, 64, 96, 128)   # the latent testbed's UNet: 16×16×4 latents, a wider first block
+
+
+def make_unet(size: int = 32, in_channels: int = 3,
+              block_out_channels: tuple[int, ...] = PIXEL_CHANNELS) -> UNet2DConditionModel:
+    """A 5.4M-parameter UNet (pixel space by default; ``in_channels=4`` for VAE latents); cross-attention
+    only in the two lowest-resolution blocks where it is cheap on a CPU, plus a pooled text embedding added
+    to the time embedding (diffusers' ``addition_embed_type="text"``) so that every resnet, at every
+    resolution, sees the caption."""
     return UNet2DConditionModel(
-        sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=(32, 64, 96, 128),
+        sample_size=size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
+        block_out_channels=block_out_channels,
         down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_DIM, attention_head_dim=8, norm_num_groups=8,
@@ -63,9 +69,26 @@ def make_text_encoder(token_init_std: float = 1.0) -> CLIPTextModel:
     return encoder
 
 
-def train_scheduler() -> DDPMScheduler:
+def train_scheduler(latent: bool = False) -> DDPMScheduler:
+    """Cosine-schedule ε-prediction; x̂0 is clipped to [-1, 1] in pixel space only (latents run past 1)."""
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="epsilon", clip_sample=True)
+                         prediction_type="epsilon", clip_sample=not latent)
+
+
+def _space(pixels: torch.Tensor, vae_dir: str | Path | None) -> tuple[torch.Tensor, AutoencoderKL | None]:
+    """What the UNet learns to denoise: the pixels, or their VAE latents (posterior means × scaling factor)."""
+    if vae_dir is None:
+        return pixels, None
+    from memfree_testbed.vae import encode_images
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    return encode_images(vae, pixels), vae
+
+
+def _make_parts(sample: torch.Tensor, token_init_std: float) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """The UNet for samples shaped like ``sample`` (C, H, W) and the text encoder."""
+    channels, size = sample.shape[0], sample.shape[-1]
+    unet = make_unet(size, channels, PIXEL_CHANNELS if channels == 3 else LATENT_CHANNELS)
+    return unet, make_text_encoder(token_init_std)
 
 
 def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
@@ -113,7 +136,7 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
           lr: float = 1e-3, seed: int = 0, caption_dropout: float = 0.1, ema_decay: float = 0.999,
           checkpoint_every: int = 200, log_every: int = 50, quiet: bool = False, keep_mask_fn=None,
           stop_after: int | None = None, device: str = "cpu", guidance_scale: float = GUIDANCE_SCALE,
-          token_init_std: float = 1.0) -> Path | None:
+          token_init_std: float = 1.0, vae_dir: str | Path | None = None) -> Path | None:
     """Train (or resume) a testbed model into ``out_dir``; returns the exported model directory.
 
     ``keep_mask_fn(unet, x_t, t, cond, uncond, eps_cond=pred) -> bool mask`` optionally filters samples
@@ -124,12 +147,13 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
     streams are drawn on the CPU either way, so a run is the same recipe on every device.
     ``guidance_scale`` is the sampling default written into the model's ``memfree.json``;
     ``token_init_std`` is the text encoder's token-embedding init (0.02 reproduces the earlier v2 model).
+    ``vae_dir``: a trained autoencoder (memfree_testbed.vae); the UNet then learns its latents and the
+    exported model is a Stable Diffusion folder with that VAE.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images, manifest = load_dataset(data_dir)
-    size = manifest["size"]
-    pixels = from_uint8_signed(images)
+    pixels, vae = _space(from_uint8_signed(images), vae_dir)
     items = manifest["train"]
     image_ids = torch.tensor([t["image"] for t in items])
     kinds = sorted({t.get("kind", "ordinary") for t in items})
@@ -147,10 +171,10 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
                           return_tensors="pt").input_ids[0]
 
     torch.manual_seed(seed)
-    unet, text_encoder = make_unet(size), make_text_encoder(token_init_std)
+    unet, text_encoder = _make_parts(pixels[0], token_init_std)
     unet = unet.to(device, memory_format=torch.channels_last)  # about 7% faster convolutions on CPU
     text_encoder = text_encoder.to(device)
-    scheduler = train_scheduler()
+    scheduler = train_scheduler(latent=vae is not None)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = min(200, steps // 10)
@@ -185,7 +209,7 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
         tmp.write_text(json.dumps({"step": step, "elapsed_s": elapsed, "lr_scheduler": sched.state_dict(),
                                    "log": log, "seed": seed, "steps": steps, "batch_size": batch_size,
                                    "lr": lr, "token_init_std": token_init_std, "guidance_scale": guidance_scale,
-                                   "data": str(data_dir)}))
+                                   "data": str(data_dir), "vae": None if vae_dir is None else str(vae_dir)}))
         os.replace(tmp, state_path)
 
     unet.train(), text_encoder.train()
@@ -240,7 +264,7 @@ def train(data_dir: str | Path, out_dir: str | Path, steps: int = 10000, batch_s
             "device": f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
             if not torch.cuda.is_available() else torch.cuda.get_device_name(),
             "torch": torch.__version__, "final_loss": running, "log": log}
-    return export_model(out_dir / "model", unet, text_encoder, tokenizer, manifest, info, guidance_scale)
+    return export_model(out_dir / "model", unet, text_encoder, tokenizer, manifest, info, guidance_scale, vae)
 
 
 def export_checkpoint(run_dir: str | Path, model_dir: str | Path | None = None) -> Path:
@@ -252,9 +276,10 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path | None = None) 
     """
     run_dir = Path(run_dir)
     state = json.loads((run_dir / "train_state.json").read_text())
-    _, manifest = load_dataset(state["data"])
+    images, manifest = load_dataset(state["data"])
+    space, vae = _space(from_uint8_signed(images[:1]), state.get("vae"))
     tensors = load_file(str(run_dir / "checkpoint.safetensors"))
-    unet, text_encoder = make_unet(manifest["size"]), make_text_encoder()
+    unet, text_encoder = _make_parts(space[0], state.get("token_init_std", 1.0))
     unet.load_state_dict(_part(tensors, "ema_unet"))
     text_encoder.load_state_dict(_part(tensors, "ema_text"))
     tokenizer = CLIPTokenizer.from_pretrained(run_dir / "tokenizer_build")
@@ -262,28 +287,43 @@ def export_checkpoint(run_dir: str | Path, model_dir: str | Path | None = None) 
     info |= {"checkpoint_step": state["step"], "train_seconds": round(state["elapsed_s"], 1), "log": state["log"]}
     model_dir = Path(model_dir) if model_dir else run_dir / f"model-step{state['step']}"
     return export_model(model_dir, unet, text_encoder, tokenizer, manifest, info,
-                        state.get("guidance_scale", GUIDANCE_SCALE))
+                        state.get("guidance_scale", GUIDANCE_SCALE), vae)
 
 
 def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, manifest: dict, info: dict, guidance_scale: float = GUIDANCE_SCALE) -> Path:
-    """Save a diffusers-layout directory (weights in fp16 safetensors to keep the package small)."""
+                 tokenizer: CLIPTokenizer, manifest: dict, info: dict, guidance_scale: float = GUIDANCE_SCALE,
+                 vae: AutoencoderKL | None = None) -> Path:
+    """Save a diffusers-layout directory (the UNet in fp16 safetensors to keep the package small).
+
+    With a ``vae`` the folder is a complete Stable Diffusion folder that ``StableDiffusionPipeline.
+    from_pretrained`` opens without memfree; its text encoder stays fp32, because transformers loads a
+    checkpoint in its saved dtype while diffusers loads fp32, and a pipeline of mixed dtypes fails.
+    Without a VAE, a pixel-space model only memfree samples.
+    """
     model_dir.mkdir(parents=True, exist_ok=True)
+    latent = vae is not None
     unet.to(torch.float16).save_pretrained(model_dir / "unet", safe_serialization=True)
-    text_encoder.to(torch.float16).save_pretrained(model_dir / "text_encoder", safe_serialization=True)
+    text_encoder.to(torch.float32 if latent else torch.float16).save_pretrained(model_dir / "text_encoder",
+                                                                               safe_serialization=True)
     unet.to(torch.float32), text_encoder.to(torch.float32)
     tokenizer.save_pretrained(model_dir / "tokenizer")
-    DDIMScheduler.from_config(train_scheduler().config, clip_sample=True, set_alpha_to_one=True).save_pretrained(
-        model_dir / "scheduler")
+    DDIMScheduler.from_config(train_scheduler(latent).config, clip_sample=not latent,
+                              set_alpha_to_one=True).save_pretrained(model_dir / "scheduler")
     import diffusers
-    write_text(model_dir / "model_index.json", json.dumps({
-        "_class_name": "MemfreePixelPipeline", "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": [None, None]}, indent=2))
+    parts = {"scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"]}
+    if latent:
+        vae.save_pretrained(model_dir / "vae", safe_serialization=True)
+        index = {"_class_name": "StableDiffusionPipeline", **parts, "vae": ["diffusers", "AutoencoderKL"],
+                 "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
+                 "requires_safety_checker": False}
+    else:
+        index = {"_class_name": "MemfreePixelPipeline", **parts, "vae": [None, None]}
+    write_text(model_dir / "model_index.json", json.dumps(
+        {"_class_name": index.pop("_class_name"), "_diffusers_version": diffusers.__version__, **index}, indent=2))
     write_text(model_dir / "memfree.json", json.dumps({
-        "kind": "testbed", "resolution": manifest["size"], "num_inference_steps": 50, "guidance_scale": guidance_scale,
-        "training": info}, indent=2))
+        "kind": "testbed-latent" if latent else "testbed", "resolution": manifest["size"], "num_inference_steps": 50,
+        "guidance_scale": guidance_scale, "training": info}, indent=2))
     return model_dir
 
 
