@@ -4,6 +4,7 @@ the evaluation prompt sets, and the alignment probe (in ``<model>/testbed/``), a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -14,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from memfree.index import PixelEmbedder, TrainingIndex, build_index
+from memfree.io import write_text
 from memfree.model import Model, ModelError
+from memfree.settings import user_home
 from memfree.similarity import PixelIndex
 from memfree_testbed.probe import Probe, load_probe
 
@@ -22,6 +25,11 @@ from memfree_testbed.probe import Probe, load_probe
 def model_dir() -> Path:
     """The bundled testbed model (registered with memfree as the named model ``testbed``)."""
     return Path(str(resources.files("memfree_testbed").joinpath("model")))
+
+
+def latent_model_dir() -> Path:
+    """The bundled latent testbed, shaped like Stable Diffusion (the named model ``testbed-latent``)."""
+    return Path(str(resources.files("memfree_testbed").joinpath("model_latent")))
 
 
 @dataclass
@@ -51,17 +59,63 @@ def load_testbed(model: Model | str | Path) -> Testbed:
     if not (root / "manifest.json").exists():
         raise ModelError(f"{root.parent} is not a memfree testbed model (no testbed/manifest.json)")
     manifest = json.loads((root / "manifest.json").read_text())
-    with np.load(root / "images.npz") as z:
-        images = z["images"]
+    images = ground_truth_images(root)
     return Testbed(images=images, manifest=manifest, probe=load_probe(root), index=PixelIndex(images))
 
 
-def attach_ground_truth(model_dir: Path, data_dir: Path) -> Path:
-    """Copy a data set's images and manifest into ``model_dir/testbed`` (the probe goes there too)."""
+def _digest(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
+def ground_truth_images(root: Path) -> np.ndarray:
+    """The unique training images of a testbed's ground truth (uint8 N×H×W×3).
+
+    A compact bundle ships only its planted images and the data recipe: the ordinary renders are drawn
+    again from the recipe's seed (seconds) into a cache under memfree's user folder, and checked against
+    the recorded SHA-256, so the package stays small and the images are exactly the trained ones.
+    """
+    if (root / "images.npz").exists():
+        with np.load(root / "images.npz") as z:
+            return z["images"]
+    recipe = json.loads((root / "recipe.json").read_text())
+    cache = user_home() / "testbed-data" / recipe["sha256"][:16]
+    if not (cache / "images.npz").exists():
+        from memfree_testbed.data import build_dataset
+        build_dataset(cache, **recipe["build"])
+    with np.load(cache / "images.npz") as z:
+        images = z["images"]
+    if _digest(images) != recipe["sha256"]:
+        raise ModelError(f"the testbed images drawn again from {root / 'recipe.json'} differ from the trained ones "
+                         f"(another numpy?); the cache is {cache}")
+    return images
+
+
+def recipe_of(manifest: dict) -> dict:
+    """The `build_dataset` arguments that wrote a data set, read back from its manifest."""
+    ev, counts = manifest["eval"], manifest["counts"]
+    return {"seed": manifest["seed"], "size": manifest["size"], "style": manifest.get("style", "v2"),
+            "verbatim_captions": manifest.get("verbatim_captions", "laion"), "n_ordinary": counts["ordinary"],
+            "repeats": counts["verbatim"] // len(ev["verbatim"]), "n_verbatim": len(ev["verbatim"]),
+            "n_image_dup": sum(u["kind"] == "image_dup" for u in manifest["unique"]),
+            "n_caption_dup": len(ev["caption_dup"]), "n_eval": len(ev["heldout"])}
+
+
+def attach_ground_truth(model_dir: Path, data_dir: Path, compact: bool = False) -> Path:
+    """Copy a data set's manifest and images into ``model_dir/testbed`` (the probe goes there too).
+
+    ``compact`` ships the recipe and the images' digest instead of the ordinary images (see
+    :func:`ground_truth_images`); the planted images are in the manifest's data set either way."""
     root = Path(model_dir) / "testbed"
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("images.npz", "manifest.json"):
-        shutil.copyfile(Path(data_dir) / name, root / name)
+    shutil.copyfile(Path(data_dir) / "manifest.json", root / "manifest.json")
+    if not compact:
+        shutil.copyfile(Path(data_dir) / "images.npz", root / "images.npz")
+        return root
+    manifest = json.loads((root / "manifest.json").read_text())
+    with np.load(Path(data_dir) / "images.npz") as z:
+        images = z["images"]
+    write_text(root / "recipe.json", json.dumps({"build": recipe_of(manifest), "sha256": _digest(images)}, indent=1))
+    (root / "images.npz").unlink(missing_ok=True)
     return root
 
 
@@ -74,12 +128,13 @@ def training_items(images: np.ndarray, manifest: dict) -> tuple[list[str], list[
     return [str(i) for i in range(len(images))], captions
 
 
-def build_testbed_index(model_dir: str | Path, out_dir: str | Path | None = None, progress: bool = True) -> TrainingIndex:
-    """The pixel index of a testbed model's training images, written to ``<model>/index`` by default."""
+def build_testbed_index(model_dir: str | Path, out_dir: str | Path | None = None, progress: bool = True,
+                        embedder=None) -> TrainingIndex:
+    """The index of a testbed model's training images, written to ``<model>/index`` by default: pixels, or
+    the vectors of a copy-detection ``embedder`` (compared by cosine)."""
     root = Path(model_dir) / "testbed"
     manifest = json.loads((root / "manifest.json").read_text())
-    with np.load(root / "images.npz") as z:
-        images = z["images"]
+    images = ground_truth_images(root)
     ids, captions = training_items(images, manifest)
-    return build_index(images, out_dir or Path(model_dir) / "index", PixelEmbedder(), ids=ids, captions=captions,
-                       progress=progress)
+    return build_index(images, out_dir or Path(model_dir) / "index", embedder or PixelEmbedder(), ids=ids,
+                       captions=captions, progress=progress)

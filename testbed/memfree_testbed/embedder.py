@@ -11,6 +11,7 @@ input; so does this one).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import defaultdict
@@ -128,8 +129,10 @@ def _same_caption_pairs(manifest: dict) -> list[tuple[int, int]]:
 
 
 def train_embedder(data_dir: str | Path, out_dir: str | Path, steps: int = 1500, batch_size: int = 96,
-                   lr: float = 2e-3, seed: int = 0, checkpoint_every: int = 100, quiet: bool = False) -> Path:
-    """Train (or resume) the embedder; returns the TorchScript file OUT/embedder.pt.
+                   lr: float = 2e-3, seed: int = 0, checkpoint_every: int = 100, stop_after: int | None = None,
+                   quiet: bool = False) -> Path | None:
+    """Train (or resume) the embedder; returns the TorchScript file OUT/embedder.pt (None when ``stop_after``
+    steps ended this call early, with a checkpoint to resume from).
 
     Half of each batch is pairs of different images under one caption (hard negatives); the batch for a
     step depends on the seed and the step alone, so a resumed run matches an uninterrupted one.
@@ -143,7 +146,7 @@ def train_embedder(data_dir: str | Path, out_dir: str | Path, steps: int = 1500,
     net = CopyEmbedder()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     ckpt, state_path = out_dir / "embedder_checkpoint.safetensors", out_dir / "embedder_state.json"
     start, elapsed, log = 0, 0.0, []
     if ckpt.exists() and state_path.exists():
@@ -171,7 +174,8 @@ def train_embedder(data_dir: str | Path, out_dir: str | Path, steps: int = 1500,
         bar.set_postfix(loss=f"{running:.3f}")
         if (step + 1) % 25 == 0:
             log.append({"step": step + 1, "loss": round(running, 4), "elapsed_s": round(elapsed, 1)})
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+        stopping = stop_after is not None and step + 1 - start >= stop_after and step + 1 < steps
+        if stopping or (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             tmp = ckpt.with_suffix(".tmp")
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
             os.replace(tmp, ckpt)
@@ -180,6 +184,9 @@ def train_embedder(data_dir: str | Path, out_dir: str | Path, steps: int = 1500,
             write_text(state_path, json.dumps({"step": step + 1, "elapsed_s": elapsed, "log": log,
                                                "lr_scheduler": sched.state_dict(), "seed": seed, "steps": steps,
                                                "batch_size": batch_size, "lr": lr, "data": str(data_dir)}))
+        if stopping:
+            bar.close()
+            return None
     return export_embedder(net.eval(), out_dir / "embedder.pt", manifest["size"])
 
 

@@ -9,6 +9,7 @@ the UNet's training: a run started again in the same folder continues where it s
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def train_vae(data_dir: str | Path, out_dir: str | Path, steps: int = 2500, batc
     vae = make_vae(manifest["size"])
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))))
+        opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     ckpt, state_path = out_dir / "vae_checkpoint.safetensors", out_dir / "vae_state.json"
     start, elapsed, log = 0, 0.0, []
     if ckpt.exists() and state_path.exists():
