@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import math
 import shutil
 import warnings
@@ -131,6 +132,23 @@ def parse_embedder(text: str) -> Embedder:
     raise ValueError(f"unknown embedder {text!r}: use pixel, pixel:SIZE, sscd:PATH or torchscript:PATH")
 
 
+def _portable_spec(spec: dict, index_dir: Path) -> dict:
+    """An embedder file that ships with the index (inside the folder that holds the index) is recorded
+    relative to the index, so the pair can be moved or installed as a package together."""
+    if "path" not in spec:
+        return spec
+    file, home = Path(spec["path"]).resolve(), Path(index_dir).resolve().parent
+    if home in file.parents:
+        return {**spec, "path": os.path.relpath(file, Path(index_dir).resolve())}
+    return spec
+
+
+def _resolved_spec(spec: dict, index_dir: Path) -> dict:
+    if "path" in spec and not Path(spec["path"]).is_absolute():
+        return {**spec, "path": os.path.normpath(Path(index_dir).resolve() / spec["path"])}
+    return spec
+
+
 def embedder_from_spec(spec: dict) -> Embedder:
     """Rebuild the embedder an index was built with from its stored spec."""
     if spec["kind"] == "pixel":
@@ -190,7 +208,7 @@ class TrainingIndex:
             raise ValueError(f"index at {path} is broken ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                              "rebuild it with `memfree index build`") from e
         if embedder is None:
-            embedder = embedder_from_spec(stored)
+            embedder = embedder_from_spec(_resolved_spec(stored, path))
         elif isinstance(embedder, PixelEmbedder) and embedder.dim == 0 and stored["kind"] == "pixel":
             embedder.size, embedder.dim = stored.get("size"), stored["dim"]
         _check_spec(stored, embedder.spec(), f"index at {path}")
@@ -336,7 +354,8 @@ def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, 
     atomic_write(out / "index.faiss", lambda p: faiss.write_index(index, str(p)))
     lines = "".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in zip(ids, captions))
     atomic_write(out / "items.jsonl", lambda p: p.write_text(lines))
-    meta = {"format": 1, "embedder": embedder.spec(), "count": n, "factory": name, "nprobe": nprobe}
+    meta = {"format": 1, "embedder": _portable_spec(embedder.spec(), out), "count": n, "factory": name,
+            "nprobe": nprobe}
     atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     shutil.rmtree(shards)
     return TrainingIndex(embedder, index, ids, captions, name, nprobe, out)

@@ -18,7 +18,7 @@ from memfree.index import PixelEmbedder, TrainingIndex, build_index
 from memfree.io import write_text
 from memfree.model import Model, ModelError
 from memfree.settings import user_home
-from memfree.similarity import PixelIndex
+from memfree.similarity import COSINE_THRESHOLD, PixelIndex
 from memfree_testbed.probe import Probe, load_probe
 
 
@@ -37,7 +37,9 @@ class Testbed:
     images: np.ndarray   # unique training images, uint8 (N, H, W, 3)
     manifest: dict
     probe: Probe
-    index: PixelIndex
+    index: PixelIndex                       # exact nL2 over the training images' pixels
+    copy_index: TrainingIndex | None = None  # the model's own cosine index of a copy-detection embedder, if any
+    copy_threshold: float | None = None      # cosine above which that embedder calls a pair a copy
 
     @property
     def eval_sets(self) -> dict[str, list[dict]]:
@@ -60,7 +62,14 @@ def load_testbed(model: Model | str | Path) -> Testbed:
         raise ModelError(f"{root.parent} is not a memfree testbed model (no testbed/manifest.json)")
     manifest = json.loads((root / "manifest.json").read_text())
     images = ground_truth_images(root)
-    return Testbed(images=images, manifest=manifest, probe=load_probe(root), index=PixelIndex(images))
+    copy_index, copy_threshold = None, None
+    meta = root.parent / "index" / "meta.json"
+    if meta.exists() and json.loads(meta.read_text())["embedder"].get("metric") == "cosine":
+        copy_index = TrainingIndex.load(root.parent / "index")
+        info = root / "embedder.json"
+        copy_threshold = json.loads(info.read_text())["copy_threshold"] if info.exists() else COSINE_THRESHOLD
+    return Testbed(images=images, manifest=manifest, probe=load_probe(root), index=PixelIndex(images),
+                   copy_index=copy_index, copy_threshold=copy_threshold)
 
 
 def _digest(images: np.ndarray) -> str:

@@ -70,11 +70,13 @@ def testbed_data(out, seed, style, n_ordinary, repeats, size, verbatim_captions)
               help="CFG scale the exported model samples with by default (written to memfree.json).")
 @click.option("--token-init-std", type=float, default=1.0, show_default=True,
               help="Init scale of the text encoder's token embeddings (0.02, CLIP's, made the earlier v2 model; 1.0 the bundled one).")
+@click.option("--embedder", "embedder_path", default=None, metavar="PATH",
+              help="A copy-detection TorchScript file: the exported model's index uses it (cosine).")
 @click.option("--vae", "vae_dir", default=None,
               help="A trained autoencoder (`memfree testbed vae`): train on its latents, export a Stable Diffusion folder.")
 @quiet_option
 def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter_threshold, device, guidance,
-                  token_init_std, vae_dir, quiet):
+                  token_init_std, embedder_path, vae_dir, quiet):
     """Train (or resume) the testbed model, then attach its ground truth and alignment probe."""
     from functools import partial
     from memfree.mitigate import keep_mask
@@ -86,7 +88,7 @@ def testbed_train(data_dir, out, steps, stop_after, batch_size, lr, seed, filter
     if model_dir is None:
         click.echo(f"stopped with a checkpoint in {out}; run again to resume")
         return
-    info = finish_model(model_dir, data_dir, quiet=quiet)
+    info = finish_model(model_dir, data_dir, quiet=quiet, embedder_path=embedder_path)
     click.echo(f"model in {model_dir}; probe accuracy on held-out renders {info['probe_accuracy']:.3f}")
 
 
@@ -172,11 +174,18 @@ def testbed_report(model_path, seeds, steps, scheduler, json_out, quiet):
 
 @testbed.command("index")
 @model_option
-@click.option("--out", default=None, help="Index folder (default: the model's own index/ folder).")
+@click.option("--data", "data_dir", default=None, help="The model's data folder (needed with --embedder, to measure it).")
+@click.option("--embedder", "embedder_path", default=None, metavar="PATH",
+              help="A copy-detection TorchScript file (`memfree testbed embedder`): index its vectors, by cosine.")
 @quiet_option
-def testbed_index(model_path, out, quiet):
-    """Build the pixel index of a testbed model's training images (AMG searches it)."""
-    from memfree_testbed.bundle import build_testbed_index
+def testbed_index(model_path, data_dir, embedder_path, quiet):
+    """Build a testbed model's own index of its training images (AMG searches it): pixels, or an embedder's."""
+    from memfree_testbed.train import attach_index
+    if embedder_path and not data_dir:
+        raise click.UsageError("--embedder needs --data (the copy-detection quality is measured on it)")
     model = load_model(model_path)
-    idx = build_testbed_index(model.path, out, progress=not quiet)
-    click.echo(f"indexed {len(idx)} images in {idx.path}")
+    quality = attach_index(model.path, data_dir, embedder_path, quiet)
+    if quality:
+        click.echo(f"copy detection: AUC {quality['auc']:.3f}, threshold {quality['copy_threshold']:.3f} "
+                   f"(precision {quality['precision']:.3f}, recall {quality['recall']:.3f})")
+    click.echo(f"indexed the training images in {model.path / 'index'}")

@@ -14,7 +14,7 @@ import torch
 from memfree.model import Model
 from memfree.images import from_uint8, from_uint8_signed
 from memfree.sampling import sample
-from memfree.similarity import NL2_THRESHOLD
+from memfree.similarity import NL2_THRESHOLD, nearest
 from memfree_testbed.bundle import Testbed, load_testbed
 from memfree_testbed.probe import accuracy
 from memfree_testbed.render import ATTRIBUTES, Style, caption, render, style_of
@@ -51,6 +51,15 @@ def evaluate_set(model: Model, tb: Testbed, entries: list[dict], seeds: list[int
         acc = accuracy(tb.probe.predict(out.images), [e["attrs"] for e in owners])
         res["alignment"], res["alignment_all_attributes"] = acc["mean"], acc["all"]
         res["alignment_per_attribute"] = {k: v for k, v in acc.items() if k not in ("mean", "all")}
+    if tb.copy_index is not None:   # the learned copy detector's verdict beside nL2's
+        sig, near = nearest(tb.copy_index, out.images)
+        ids = [int(tb.copy_index.ids[int(j)]) for j in near[:, 0]]
+        judged = sig > tb.copy_threshold
+        res["memorization_rate_cosine"] = float(judged.float().mean())
+        res["cosine_mean"] = float(sig.mean())
+        if any(_targets(e) for e in entries):
+            res["copy_rate_cosine"] = float(np.mean([bool(m) and i in _targets(e)
+                                                      for m, i, e in zip(judged, ids, owners)]))
     res["_images"], res["_nl2"], res["_nearest"] = out.images, nn.nl2, nn.ids
     return res
 
@@ -71,6 +80,24 @@ def probe_accuracy(tb: Testbed, seed: int = 12345) -> dict[str, float]:
             "heldout_render_memorization_rate": float(obedient.memorized.float().mean())}
 
 
+def image_size(model: Model) -> int:
+    """The side of the images a model makes: its sample size, times the VAE's down-sampling for a latent model."""
+    side = model.latent_shape[-1]
+    if model.vae is not None:
+        side *= 2 ** (len(model.vae.config.block_out_channels) - 1)
+    return side
+
+
+def to_model_space(model: Model, images: np.ndarray) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) as the UNet's clean samples: pixels in [-1, 1], or scaled VAE latents."""
+    x = from_uint8_signed(images)
+    if model.vae is None:
+        return x
+    with torch.no_grad():
+        z = model.vae.encode(x.to(model.device, model.vae.dtype)).latent_dist.mean
+    return (z * model.vae.config.scaling_factor).float().cpu()
+
+
 def word_influence(model: Model, compositions: list[dict[str, str]], style: Style,
                    timesteps=(250, 500, 750), seed: int = 0) -> dict[str, float]:
     """How much each attribute's word moves the model's noise prediction, per attribute.
@@ -82,8 +109,7 @@ def word_influence(model: Model, compositions: list[dict[str, str]], style: Styl
     in (``style_of(manifest)``), so the renders look like its training images.
     """
     rng = np.random.default_rng(seed)
-    size = model.latent_shape[-1]
-    x0 = from_uint8_signed(np.stack([render(a, rng, size, style) for a in compositions]))
+    x0 = to_model_space(model, np.stack([render(a, rng, image_size(model), style) for a in compositions]))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     ts = [torch.full((len(x0),), t) for t in timesteps]
     with torch.no_grad():
@@ -133,6 +159,14 @@ def testbed_report(model: Model, seeds: tuple[int, ...] = (0, 1, 2, 3), num_infe
         "probe_accuracy_on_heldout_renders": probe["on_heldout_renders"],
         "heldout_render_memorization_rate": probe["heldout_render_memorization_rate"],
         "word_influence": influence,
+        **({f"{k}_cosine": sets[s][f] for k, s, f in (
+            ("verbatim_memorization_rate", "verbatim", "copy_rate_cosine"),
+            ("image_dup_memorization_rate", "image_dup", "copy_rate_cosine"),
+            ("caption_dup_memorization_rate", "caption_dup", "copy_rate_cosine"),
+            ("paraphrase_memorization_rate", "paraphrase", "copy_rate_cosine"),
+            ("heldout_memorization_rate", "heldout", "memorization_rate_cosine"),
+            ("seen_once_memorization_rate", "seen_once", "memorization_rate_cosine"))}
+           | {"copy_threshold_cosine": tb.copy_threshold} if tb.copy_index is not None else {}),
         "seconds": round(time.perf_counter() - t0, 1),
         "sets": {k: {kk: vv for kk, vv in v.items() if not kk.startswith("_")} for k, v in sets.items()},
     }

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -327,14 +328,17 @@ def export_model(model_dir: Path, unet: UNet2DConditionModel, text_encoder: CLIP
     return model_dir
 
 
-def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = False) -> dict:
+def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = False,
+                 embedder_path: str | Path | None = None) -> dict:
     """Attach the data set's ground truth, a freshly trained alignment probe and the training-set index to a
-    testbed model."""
+    testbed model. A latent model gets a compact ground truth (its ordinary renders are drawn again from the
+    recipe); with ``embedder_path`` (a copy-detection TorchScript file) the index is that embedder's."""
     from memfree_testbed.bundle import attach_ground_truth
     from memfree_testbed.probe import accuracy, save_probe, train_probe
     from memfree_testbed.render import all_compositions, render, style_of
 
-    root = attach_ground_truth(Path(model_dir), Path(data_dir))
+    model_dir = Path(model_dir)
+    root = attach_ground_truth(model_dir, Path(data_dir), compact=(model_dir / "vae").exists())
     manifest = json.loads((root / "manifest.json").read_text())
     held = manifest["heldout_compositions"]
     held_keys = {json.dumps(h, sort_keys=True) for h in held}
@@ -349,6 +353,28 @@ def finish_model(model_dir: str | Path, data_dir: str | Path, quiet: bool = Fals
             "probe_train_seconds": round(time.perf_counter() - t0, 1),
             "probe_trained_on": "fresh renders of the training compositions only"}
     save_probe(probe, root, info)
-    from memfree_testbed.bundle import build_testbed_index
-    build_testbed_index(model_dir, progress=not quiet)
+    attach_index(model_dir, data_dir, embedder_path, quiet)
     return info
+
+
+def attach_index(model_dir: str | Path, data_dir: str | Path, embedder_path: str | Path | None = None,
+                 quiet: bool = False) -> dict | None:
+    """Build a testbed model's own index: of pixels, or of a copy-detection embedder, which is then copied into
+    ``<model>/embedder/``, measured on the data (``<model>/testbed/embedder.json``) and used by cosine."""
+    from memfree_testbed.bundle import build_testbed_index
+    model_dir = Path(model_dir)
+    if embedder_path is None:
+        build_testbed_index(model_dir, progress=not quiet)
+        return None
+    from memfree.index import TorchScriptEmbedder
+    from memfree_testbed.embedder import evaluate_copy_detection
+    target = model_dir / "embedder" / "copy-embedder.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if Path(embedder_path).resolve() != target.resolve():
+        shutil.copyfile(embedder_path, target)
+    size = json.loads((model_dir / "testbed" / "manifest.json").read_text())["size"]
+    embedder = TorchScriptEmbedder(target, size=size)
+    quality = evaluate_copy_detection(embedder, data_dir)
+    write_text(model_dir / "testbed" / "embedder.json", json.dumps(quality, indent=1))
+    build_testbed_index(model_dir, progress=not quiet, embedder=embedder)
+    return quality

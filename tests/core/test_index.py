@@ -180,3 +180,22 @@ def test_cli_index_build(tmp_path):
     assert idx.captions == ["b", "c", None] and idx.embedder.spec()["size"] == 32
     r = CliRunner().invoke(cli, ["index", "build", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "does not exist" in r.output and "Traceback" not in r.output
+
+
+def test_an_embedder_shipped_beside_its_index_moves_with_it(tmp_path, torchscript_path):
+    """A model folder holding both the embedder file and the index can be moved (or installed) as one."""
+    import json
+    import shutil
+    model = tmp_path / "model"
+    (model / "embedder").mkdir(parents=True)
+    shutil.copy(torchscript_path, model / "embedder" / "net.pt")
+    images = random_images(6, size=16)
+    build_index(images, model / "index", TorchScriptEmbedder(model / "embedder" / "net.pt", size=16), progress=False)
+    assert json.loads((model / "index" / "meta.json").read_text())["embedder"]["path"] == "../embedder/net.pt"
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.move(model, moved)
+    loaded = TrainingIndex.load(moved / "index")
+    assert loaded.embedder.path == moved / "embedder" / "net.pt"
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    sim, i = loaded.search(loaded.embedder(x), 1)
+    assert torch.equal(i[:, 0], torch.arange(6)) and torch.allclose(sim[:, 0], torch.ones(6), atol=1e-4)
