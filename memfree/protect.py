@@ -324,8 +324,7 @@ class Guard:
             x = args[0] if args else kw.pop("sample")
             t = args[1] if len(args) > 1 else kw.pop("timestep")
         embeds = kw.pop("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        for k in ("return_dict", "joint_attention_kwargs", "cross_attention_kwargs", "timestep_cond"):
-            kw.pop(k, None)
+        kw.pop("return_dict", None)   # the rest (added conditioning, LoRA scale, ...) goes to memfree's own calls too
         return x, t, embeds, kw
 
     def _cfg(self, x: torch.Tensor) -> bool:
