@@ -192,3 +192,32 @@ def test_clear_errors(tiny_sd_path):
         protect(pipe, "wen")
     assert type(pipe).__name__ == "StableDiffusionPipeline" and not pipe.unet._forward_hooks
     assert isinstance(protect(pipe), Guard)
+
+
+def test_lora_weights_and_their_scale_are_respected(tiny_sd_path):
+    """A LoRA adapter on the user's UNet stays active, and memfree's extra detection pass uses the call's LoRA
+    scale: the extra-pass score (PNDM, 4 steps) equals the free score (DDIM, 50 steps) at every scale."""
+    from peft import LoraConfig
+    pipe = _open(tiny_sd_path, "sd")
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    plain = pipe(PROMPT, num_inference_steps=4, latents=x_T.clone(), **KW).images
+
+    def score(steps, scale, scheduler):
+        pipe.scheduler = scheduler
+        with protect(pipe):
+            out = pipe(PROMPT, num_inference_steps=steps, latents=x_T.clone(), cross_attention_kwargs={"scale": scale},
+                       **KW)
+        return out.memorization[0]
+
+    pndm = pipe.scheduler
+    with protect(pipe):
+        assert np.array_equal(pipe(PROMPT, num_inference_steps=4, latents=x_T.clone(), **KW).images, plain)
+    ddim = DDIMScheduler.from_config(pndm.config)
+    for scale in (0.0, 1.0):
+        extra, free = score(4, scale, pndm), score(50, scale, ddim)
+        assert (extra.score_source, free.score_source) == ("extra pass", "free")
+        assert extra.score == pytest.approx(free.score, rel=2e-5)
+    assert score(50, 0.0, ddim).score != pytest.approx(score(50, 1.0, ddim).score, rel=1e-3)
