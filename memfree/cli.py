@@ -247,8 +247,15 @@ def mitigations():
 def detect(prompts, prompts_file, column, model_path, steps, generations, seed, as_json, quiet):
     """Score prompts for memorization (Wen et al.): mean ‖ε_c − ε_u‖₂, threshold and verdict."""
     from memfree.detect import detect as run
+    from memfree.pipelines import open_pipeline, pipeline_detect, pipeline_family
     prompts = read_prompts(prompts, prompts_file, column)
-    res = run(load_model(model_path), prompts, steps=steps, generations=generations, seed=seed, progress=not quiet)
+    if pipeline_family(model_path):   # SDXL and SD3 folders: scored through memfree.protect on their own pipeline
+        if steps != 1:
+            raise click.UsageError("SDXL and SD3 folders are scored at the first step only (--steps 1)")
+        res = pipeline_detect(open_pipeline(model_path), prompts, generations=generations, seed=seed)
+    else:
+        res = run(load_model(model_path), prompts, steps=steps, generations=generations, seed=seed,
+                  progress=not quiet)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in res], indent=2))
         return
@@ -324,6 +331,23 @@ def index_build(images, captions, embedder, out, batch_size, factory, quiet):
     idx = build_index(source, out, parse_embedder(embedder), ids=ids, captions=caps, batch_size=batch_size,
                       factory=factory, progress=not quiet)
     click.echo(f"indexed {len(idx)} images, dim {idx.embedder.dim}, {idx.factory}, in {out}")
+
+
+@index_group.command("add")
+@click.option("--index", "index_dir", required=True, metavar="DIR", help="A built index (memfree index build).")
+@click.option("--images", required=True, metavar="DIR",
+              help="Folder of images to add (e.g. your own, to protect); their file names are their ids.")
+@click.option("--captions", default=None, metavar="FILE",
+              help="Captions for the images: .txt (sorted file order), .jsonl or .csv with file,caption.")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@quiet_option
+def index_add(index_dir, images, captions, batch_size, quiet):
+    """Add images to an index, embedded with its own embedder; AMG then steers away from them as from training
+    images. An interrupted add resumes; ids already in the index are refused."""
+    from memfree.index import add_to_index, load_image_source
+    source, ids, caps = load_image_source(images, captions)
+    idx = add_to_index(index_dir, source, ids=ids, captions=caps, batch_size=batch_size, progress=not quiet)
+    click.echo(f"added {len(ids)} images to {index_dir}: {len(idx)} in all")
 
 
 def main() -> None:

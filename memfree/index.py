@@ -3,13 +3,16 @@
 Anti-Memorization Guidance uses it during sampling: the k nearest training images of a batch of generations,
 their stored vectors (for a differentiable similarity) and their captions. An index is a folder holding
 ``index.faiss``, ``items.jsonl`` and ``meta.json``; meta.json is written last, so its presence marks a complete index.
+An index grown by :func:`add_to_index` holds ``index.N.faiss`` and ``items.N.jsonl`` instead, named in meta.json.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -168,6 +171,24 @@ def _check_spec(stored: dict, given: dict, where: str) -> None:
         raise IndexMismatchError(f"{where} was built with a different embedder: " + "; ".join(diff))
 
 
+def _index_files(meta: dict) -> tuple[str, str]:
+    """The FAISS and items files that ``meta`` names: ``index.faiss`` and ``items.jsonl`` as built; an index grown by
+    :func:`add_to_index` names new files, so that replacing meta.json switches every file at once."""
+    files = meta.get("files") or {}
+    names = (str(files.get("index", "index.faiss")), str(files.get("items", "items.jsonl")))
+    if any(Path(name).name != name or name in ("", ".", "..") for name in names):
+        raise ValueError(f"meta.json names files outside the index folder: {', '.join(names)}")
+    return names
+
+
+def _remove_unused(folder: Path, meta: dict) -> None:
+    """Delete the FAISS and items files in ``folder`` that ``meta`` does not name (left by an index it replaced)."""
+    keep = set(_index_files(meta))
+    for f in folder.iterdir():
+        if f.name not in keep and re.fullmatch(r"index(\.\d+)?\.faiss|items(\.\d+)?\.jsonl", f.name) and f.is_file():
+            f.unlink(missing_ok=True)
+
+
 class TrainingIndex:
     """Training-set embeddings in FAISS with their ids and captions; results are best first."""
 
@@ -202,8 +223,9 @@ class TrainingIndex:
         try:
             meta = json.loads((path / "meta.json").read_text())
             stored, count, factory = meta["embedder"], int(meta["count"]), str(meta["factory"])
-            items = [json.loads(line) for line in (path / "items.jsonl").read_text().splitlines() if line.strip()]
-            index = faiss.read_index(str(path / "index.faiss"))
+            index_file, items_file = _index_files(meta)
+            items = [json.loads(line) for line in (path / items_file).read_text().splitlines() if line.strip()]
+            index = faiss.read_index(str(path / index_file))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ValueError(f"index at {path} is broken ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                              "rebuild it with `memfree index build`") from e
@@ -260,12 +282,16 @@ def _batch_tensor(images, start: int, stop: int) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 255.0 for a in arrays]
 
 
-def _embed(embedder: Embedder, images, start: int, stop: int, fixed_size: int | None = None) -> np.ndarray:
+SIZE_MISMATCH = ("the images have different sizes ({sizes} besides {size}x{size} seen first): "
+                 "pass --embedder pixel:SIZE to compare them at one size")
+
+
+def _embed(embedder: Embedder, images, start: int, stop: int, fixed_size: int | None = None,
+           size_mismatch: str = SIZE_MISMATCH) -> np.ndarray:
     batches = _batch_tensor(images, start, stop)
     if fixed_size is not None and any(x.shape[-2:] != (fixed_size, fixed_size) for x in batches):
-        sizes = sorted({f"{x.shape[-1]}x{x.shape[-2]}" for x in batches})
-        raise ValueError(f"the images have different sizes ({', '.join(sizes)} besides {fixed_size}x{fixed_size} "
-                         "seen first): pass --embedder pixel:SIZE to compare them at one size")
+        sizes = sorted({f"{x.shape[-1]}x{x.shape[-2]}" for x in batches if x.shape[-2:] != (fixed_size, fixed_size)})
+        raise ValueError(size_mismatch.replace("{sizes}", ", ".join(sizes)).replace("{size}", str(fixed_size)))
     with torch.no_grad():
         out = torch.cat([embedder(x) for x in batches]).float().numpy()
     if out.shape[1] != embedder.dim:
@@ -277,6 +303,33 @@ def _embed(embedder: Embedder, images, start: int, stop: int, fixed_size: int | 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:  # a file handle, so np.save does not append ".npy" to the temp name
         np.save(f, array)
+
+
+def _embed_in_shards(embed, shards: Path, plan: dict, where: str, progress: bool) -> np.ndarray:
+    """All ``plan["count"]`` vectors, ``embed(start, stop)`` called batch by batch; each batch is saved to
+    ``shards/NNNNNN.npy`` and ``plan`` to ``shards/build.json``, so a rerun with the same plan embeds only the
+    batches still missing. A rerun with another plan is refused (``where`` names the unfinished work)."""
+    from tqdm.auto import tqdm
+    n, batch_size = plan["count"], plan["batch_size"]
+    shards.mkdir(parents=True, exist_ok=True)
+    if (shards / "build.json").exists():
+        old = json.loads((shards / "build.json").read_text())
+        _check_spec(old["embedder"], plan["embedder"], where)
+        if (old["count"], old["batch_size"]) != (n, batch_size):
+            raise IndexMismatchError(f"{where} was started with {old['count']} images in batches of "
+                                     f"{old['batch_size']}, now {n} in batches of {batch_size}")
+        other = [k for k in plan if k not in ("embedder", "count", "batch_size") and old.get(k) != plan[k]]
+        if other:
+            raise IndexMismatchError(f"{where} was started with other images ({', '.join(other)} differ)")
+    else:
+        atomic_write(shards / "build.json", lambda p: p.write_text(json.dumps(plan)))
+    starts = range(0, n, batch_size)
+    for b, start in enumerate(tqdm(starts, desc="embedding", unit="batch", disable=not progress)):
+        shard = shards / f"{b:06d}.npy"
+        if not shard.exists():
+            vec = embed(start, min(start + batch_size, n))
+            atomic_write(shard, lambda p: _save_npy(p, vec))
+    return np.concatenate([np.load(shards / f"{b:06d}.npy") for b in range(len(starts))]).astype(np.float32)
 
 
 def _make_faiss(vectors: np.ndarray, metric: str, factory: str) -> tuple[object, str, int | None]:
@@ -315,7 +368,6 @@ def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, 
 
     Each batch's vectors are saved to ``out_dir/shards``; rerunning after an interruption embeds only missing batches.
     """
-    from tqdm.auto import tqdm
     n = len(images)
     if n == 0:
         raise ValueError("no images to index")
@@ -332,22 +384,8 @@ def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, 
         _embed(embedder, images, 0, 1)
     fixed = embedder.size if learns_size else None
     plan = {"embedder": embedder.spec(), "count": n, "batch_size": batch_size}
-    if (shards / "build.json").exists():
-        old = json.loads((shards / "build.json").read_text())
-        where = f"half-built index at {out} (delete the folder to start over)"
-        _check_spec(old["embedder"], plan["embedder"], where)
-        if (old["count"], old["batch_size"]) != (n, batch_size):
-            raise IndexMismatchError(f"{where} was started with {old['count']} images in batches of "
-                                     f"{old['batch_size']}, now {n} in batches of {batch_size}")
-    else:
-        atomic_write(shards / "build.json", lambda p: p.write_text(json.dumps(plan)))
-    starts = range(0, n, batch_size)
-    for b, start in enumerate(tqdm(starts, desc="embedding", unit="batch", disable=not progress)):
-        shard = shards / f"{b:06d}.npy"
-        if not shard.exists():
-            vec = _embed(embedder, images, start, min(start + batch_size, n), fixed)
-            atomic_write(shard, lambda p: _save_npy(p, vec))
-    vectors = np.concatenate([np.load(shards / f"{b:06d}.npy") for b in range(len(starts))]).astype(np.float32)
+    vectors = _embed_in_shards(lambda start, stop: _embed(embedder, images, start, stop, fixed), shards, plan,
+                               f"half-built index at {out} (delete the folder to start over)", progress)
     index, name, nprobe = _make_faiss(vectors, embedder.metric, factory)
     import faiss
     (out / "meta.json").unlink(missing_ok=True)  # an older index here is being replaced: no longer complete
@@ -357,6 +395,7 @@ def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, 
     meta = {"format": 1, "embedder": _portable_spec(embedder.spec(), out), "count": n, "factory": name,
             "nprobe": nprobe}
     atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    _remove_unused(out, meta)   # the files of an index this one replaced, e.g. one grown by add_to_index
     shutil.rmtree(shards)
     return TrainingIndex(embedder, index, ids, captions, name, nprobe, out)
 
@@ -402,3 +441,93 @@ def load_image_source(images: str | Path, captions: str | Path | None = None
         raise ValueError(f"captions file {captions} does not exist")
     caps = _read_captions(Path(captions), names) if captions else [None] * len(files)
     return files, names, caps
+
+
+ADDING = "adding"   # the folder, inside an index, where add_to_index keeps its plan and embedded batches
+
+
+def add_to_index(index_dir: str | Path, images: np.ndarray | Sequence[str | Path] | str | Path,
+                 ids: Sequence[str] | None = None, captions: Sequence[str | None] | str | Path | None = None,
+                 batch_size: int = 256, embedder: Embedder | None = None, progress: bool = True) -> TrainingIndex:
+    """Add images to the built index at ``index_dir``, e.g. to protect images of your own (a client's catalogue, a
+    person's photos) that the training-set crawl did not hold: AMG then steers away from them as from training images.
+
+    ``images`` is what :func:`build_index` takes (a uint8 N×H×W×3 array or image paths) or a folder of images, whose
+    ``captions`` may then be a captions file as for :func:`load_image_source`. Default ids: the file names for
+    paths and folders, the next positions (``len(index)``, ``len(index) + 1``, ...) for an array. Ids already in
+    the index, or repeated, are refused.
+
+    The images are embedded with the index's own embedder, rebuilt from its stored spec (``embedder``, if given, is
+    used instead and must match that spec); a pixel index that stores pixels exactly (``SQ8_direct``) takes only
+    images of its size. A trained FAISS index (IVF+PQ, SQ8) encodes the new vectors with its trained quantizers,
+    without retraining; an exact one grows. Embedding is resumable as in :func:`build_index`: batches are saved to
+    ``index_dir/adding``, and a rerun of an interrupted add embeds only the missing ones. The grown index is
+    written to new files and switched to by replacing meta.json, so a crash leaves the old index loadable.
+    """
+    path = Path(index_dir)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(images, (str, Path)):
+        caption_file = captions if isinstance(captions, (str, Path)) else None
+        images, names, file_captions = load_image_source(images, caption_file)
+        captions = file_captions if captions is None or caption_file is not None else captions
+    elif isinstance(captions, (str, Path)):
+        raise ValueError("a captions file goes with a folder of images; with an array or paths pass a list")
+    else:
+        names = None if isinstance(images, np.ndarray) else [Path(p).name for p in images]
+    n = len(images)
+    if n == 0:
+        raise ValueError("no images to add")
+    index = TrainingIndex.load(path, embedder)
+    staging = path / ADDING
+    staged = json.loads((staging / "build.json").read_text()) if (staging / "build.json").exists() else None
+    # default array ids continue from the size the index had when this add began, so a rerun names them alike
+    onto = int(staged.get("onto", len(index))) if staged and ids is None and names is None else len(index)
+    ids = [str(i) for i in (ids if ids is not None else names if names is not None else range(onto, onto + n))]
+    captions = list(captions) if captions is not None else [None] * n
+    if len(ids) != n or len(captions) != n:
+        raise ValueError(f"{n} images but {len(ids)} ids and {len(captions)} captions")
+    counts: dict[str, int] = {}
+    for i in ids:
+        counts[i] = counts.get(i, 0) + 1
+    repeated = [i for i, c in counts.items() if c > 1]
+    if repeated:
+        raise ValueError(f"the new images repeat {len(repeated)} id(s) (e.g. {', '.join(repeated[:3])}); "
+                         "ids must be unique")
+    plan = {"embedder": index.embedder.spec(), "count": n, "batch_size": batch_size, "onto": onto,
+            "ids": hashlib.sha1(json.dumps(ids).encode()).hexdigest()}
+    meta = json.loads((path / "meta.json").read_text())
+    if staged is not None and staged.get("ids") == plan["ids"] and index.ids[len(index) - n:] == ids \
+            and len(index) == int(staged.get("onto", -1)) + n:
+        _remove_unused(path, meta)   # this very add was switched to before; only its clean-up was cut short
+        shutil.rmtree(staging)
+        return index
+    known = set(index.ids)
+    present = [i for i in ids if i in known]
+    if present:
+        raise ValueError(f"{len(present)} of the {n} ids are already in the index at {path} (e.g. "
+                         f"{', '.join(present[:3])}); ids must stay unique: pass other ids or rename the files")
+    emb, exact = index.embedder, index.factory == "SQ8_direct" and isinstance(index.embedder, PixelEmbedder)
+    fixed = emb.size if exact else None
+    mismatch = (f"the index at {path} stores " + "{size}x{size} images exactly (pixel embedder) and these are "
+                "{sizes}: resize them to {size}x{size} first")
+    vectors = _embed_in_shards(lambda start, stop: _embed(emb, images, start, stop, fixed, mismatch), staging, plan,
+                               f"unfinished add to the index at {path} (delete {staging} to start over)", progress)
+    import faiss
+    grown = index.index
+    ivf = faiss.try_extract_index_ivf(grown)
+    if ivf is not None:
+        ivf.make_direct_map(False)   # stored as build_index stores it; TrainingIndex makes it again
+    grown.add(vectors)   # trained indexes encode with their trained quantizers: no retraining
+    total = grown.ntotal
+    files = {"index": f"index.{total}.faiss", "items": f"items.{total}.jsonl"}
+    old_items = (path / _index_files(meta)[1]).read_text()
+    lines = old_items + ("" if not old_items or old_items.endswith("\n") else "\n") + "".join(
+        json.dumps({"id": i, "caption": c}) + "\n" for i, c in zip(ids, captions))
+    atomic_write(path / files["index"], lambda p: faiss.write_index(grown, str(p)))
+    atomic_write(path / files["items"], lambda p: p.write_text(lines))
+    new_meta = {**meta, "format": 2, "count": total, "files": files}
+    atomic_write(path / "meta.json", lambda p: p.write_text(json.dumps(new_meta, indent=1)))  # the switch
+    _remove_unused(path, new_meta)
+    shutil.rmtree(staging)
+    return TrainingIndex(emb, grown, index.ids + ids, index.captions + captions, index.factory, index.nprobe, path)

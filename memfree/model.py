@@ -66,6 +66,10 @@ def resolve_model(model: str | Path | None) -> tuple[Path, str | None]:
     return Path(model), None
 
 
+# Folders of these pipelines are served through memfree.protect (memfree.pipelines), not this loader.
+PIPELINE_ONLY = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+
+
 @dataclass
 class Model:
     """The parts of a text-to-image diffusion model that memfree samples from and probes, and its settings.
@@ -160,6 +164,10 @@ def _check_dir(path: Path) -> None:
         raise ModelError(f"{path / 'model_index.json'} is not valid JSON: {e}") from e
     if not isinstance(index, dict):
         raise ModelError(f"{path / 'model_index.json'} must hold a JSON object, not {type(index).__name__}")
+    if index.get("_class_name") in PIPELINE_ONLY:
+        raise ModelError(f"{path} is a {index['_class_name']} folder, which memfree's own sampling loop does not run: "
+                         "protect the pipeline with memfree.protect(DiffusionPipeline.from_pretrained(path)); "
+                         "`memfree detect --model PATH` opens it that way")
     for part in REQUIRED + (("vae",) if (path / "vae").exists() else ()):
         if not (path / part).is_dir():
             raise ModelError(f"{path} lacks the {part}/ folder that a text-to-image model needs")
@@ -172,7 +180,7 @@ def _check_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_loading():
+def quiet_loading():
     """Silence the loaders' per-load chatter (accelerate hints, weight-loading bars) for this load only."""
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
@@ -221,7 +229,7 @@ def load(model: str | Path | None = None, device: str | torch.device = "cpu",
     _check_dir(path)
     kw = dict(local_files_only=True, use_safetensors=True)
     try:
-        with _quiet_loading():
+        with quiet_loading():
             unet = _load_part(UNet2DConditionModel, path, "unet", torch_dtype=dtype, **kw)
             text_encoder = _load_part(CLIPTextModel, path, "text_encoder", dtype=dtype, **kw)
             tokenizer = _load_tokenizer(path)

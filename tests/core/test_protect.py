@@ -221,3 +221,27 @@ def test_lora_weights_and_their_scale_are_respected(tiny_sd_path):
         assert (extra.score_source, free.score_source) == ("extra pass", "free")
         assert extra.score == pytest.approx(free.score, rel=2e-5)
     assert score(50, 0.0, ddim).score != pytest.approx(score(50, 1.0, ddim).score, rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_sdxl_and_sd3_folders_on_the_command_line(request, family):
+    """memfree.load refuses them with the way out; `memfree detect` scores them through protect, and its
+    first-step-only run gives the score a full protected generation reports."""
+    import json
+
+    from click.testing import CliRunner
+
+    from memfree.cli import cli
+    from memfree.model import ModelError
+    path = request.getfixturevalue(f"tiny_{family}_path")
+    with pytest.raises(ModelError, match="memfree.protect"):
+        memfree.load(path)
+    res = CliRunner().invoke(cli, ["detect", "--model", str(path), "--generations", "2", "--json", PROMPT])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)[0]
+    pipe = _open(path, family)
+    with protect(pipe):
+        full = pipe(PROMPT, num_images_per_prompt=2, num_inference_steps=50, generator=torch.Generator().manual_seed(0),
+                    output_type="latent")
+    expected = sum(r.score for r in full.memorization) / 2
+    assert got["score"] == pytest.approx(expected, rel=1e-5) and got["memorized"] is None
