@@ -25,6 +25,7 @@ SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMult
               "euler": EulerDiscreteScheduler}
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 ENTRY_POINT_GROUP = "memfree.models"   # a package registers a model as  name = "module:function"  (returns its folder)
+DEFAULT_GROUP = "memfree.default_model"  # ... and may name one of them the default when several are installed
 
 _registered: dict[str, Callable[[], Path]] = {}
 
@@ -51,16 +52,17 @@ def named_models() -> dict[str, Callable[[], Path]]:
 
 def resolve_model(model: str | Path | None) -> tuple[Path, str | None]:
     """A model folder and its name (None for a plain path). No argument means ``$MEMFREE_MODEL``, or else the
-    one named model installed."""
+    one named model installed, or else the one an installed package names its default."""
     names = named_models()
     if model is None:
         model = os.environ.get("MEMFREE_MODEL")
         if model is None:
-            if len(names) != 1:
+            preferred = [ep.name for ep in entry_points(group=DEFAULT_GROUP) if ep.name in names]
+            if len(names) != 1 and len(preferred) != 1:
                 which = f"installed: {', '.join(sorted(names))}" if names else "none is installed"
                 raise ModelError(f"no model given and no single named model to default to ({which}): "
                                  "pass a model folder or name, or set MEMFREE_MODEL")
-            model = next(iter(names))
+            model = next(iter(names)) if len(names) == 1 else preferred[0]
     if isinstance(model, str) and model in names and not (Path(model) / "model_index.json").exists():
         return names[model](), model   # a name, unless a model folder of that name is at hand
     return Path(model), None

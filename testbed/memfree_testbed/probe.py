@@ -20,13 +20,15 @@ from memfree_testbed.render import ATTRIBUTES, STYLES, Style, render
 
 
 class Probe(nn.Module):
-    """Four conv stages to a 4×4 map, a 256-d feature, one linear head per attribute."""
+    """Four conv stages to a 4×4 map, a 256-d feature, one linear head per attribute. For images larger than
+    32×32 the first stage strides down to 32×32, so a 64×64 probe costs what the 32×32 one does."""
 
     def __init__(self, size: int = 32):
         super().__init__()
         def block(i, o, s):
             return nn.Sequential(nn.Conv2d(i, o, 3, s, 1), nn.GroupNorm(8, o), nn.SiLU())
-        self.body = nn.Sequential(block(3, 32, 1), block(32, 64, 2), block(64, 64, 1), block(64, 128, 2))
+        self.body = nn.Sequential(block(3, 32, max(1, size // 32)), block(32, 64, 2), block(64, 64, 1),
+                                  block(64, 128, 2))
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.fc = nn.Linear(128 * 16, 256)
         self.heads = nn.ModuleDict({k: nn.Linear(256, len(v)) for k, v in ATTRIBUTES.items()})

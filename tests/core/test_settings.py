@@ -2,6 +2,7 @@
 writes into a model folder memfree may change, else into a user sidecar it names; loading leaves logging alone."""
 import json
 import os
+from types import SimpleNamespace
 import shutil
 
 import pytest
@@ -55,11 +56,29 @@ def test_a_model_opened_by_name_is_calibrated_in_the_sidecar(model_copy, user_ho
         entry = calibrate(model, ["a cat", "a dog", "a tree", "a house"], fpr=0.25, progress=False, min_prompts=4)
         assert entry["saved_to"] == str(sidecar_path(model_copy)) and not (model_copy / "memfree.json").exists()
         assert memfree.load("my-sd").settings.threshold == entry["threshold"]
-        with pytest.raises(memfree.ModelError, match="no single named model"):
-            memfree.load()                               # two named models: no default to guess
     finally:
         memfree.unregister_model("my-sd")
     assert "my-sd" not in memfree.named_models()
+
+
+def test_the_default_among_several_named_models(model_copy, monkeypatch):
+    """Several named models: none is guessed, unless exactly one is named the default by an installed package."""
+    import memfree.model as mm
+    real = mm.entry_points
+    defaults: list = []
+    monkeypatch.setattr(mm, "entry_points", lambda group: defaults if group == mm.DEFAULT_GROUP else real(group=group))
+    memfree.register_model("my-sd", model_copy)
+    memfree.register_model("my-other", model_copy)
+    try:
+        with pytest.raises(memfree.ModelError, match="no single named model"):
+            memfree.load()
+        defaults.append(SimpleNamespace(name="my-sd"))
+        assert memfree.load().name == "my-sd"
+        defaults.append(SimpleNamespace(name="my-other"))  # two defaults: again no guess
+        with pytest.raises(memfree.ModelError, match="no single named model"):
+            memfree.load()
+    finally:
+        memfree.unregister_model("my-sd"), memfree.unregister_model("my-other")
 
 
 def test_loading_a_model_leaves_the_process_logging_as_it_was(tiny_sd_path):
