@@ -21,6 +21,7 @@ becomes Δv = Δε/(1−σ). docs/spec.md §8 has the formulas.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +191,6 @@ class _Run:
     scores: list[torch.Tensor] = field(default_factory=list)
     first: torch.Tensor | None = None
     source: str = "free"
-    x_first: torch.Tensor | None = None
     calls: int = 0
     mitigated: torch.Tensor | None = None
     wen_embeds: torch.Tensor | None = None
@@ -254,19 +254,14 @@ class Guard:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    class _Bypass:
-        def __init__(self, guard):
-            self.guard = guard
-
-        def __enter__(self):
-            self.saved, self.guard._bypass = self.guard._bypass, True
-
-        def __exit__(self, *exc):
-            self.guard._bypass = self.saved
-
-    def bypass(self) -> "_Bypass":
+    @contextlib.contextmanager
+    def bypass(self):
         """Inner denoiser calls made by memfree itself pass the hooks untouched."""
-        return Guard._Bypass(self)
+        saved, self._bypass = self._bypass, True
+        try:
+            yield
+        finally:
+            self._bypass = saved
 
     # -- one generation --------------------------------------------------------------------------------------
     def _generate(self, *args, **kwargs):
