@@ -245,3 +245,21 @@ def test_sdxl_and_sd3_folders_on_the_command_line(request, family):
                     output_type="latent")
     expected = sum(r.score for r in full.memorization) / 2
     assert got["score"] == pytest.approx(expected, rel=1e-5) and got["memorized"] is None
+
+
+def test_the_threshold_comes_from_memfree_calibrate(tiny_sd_path, tmp_path):
+    """Calibrating the user's folder with memfree gives the protected pipeline its threshold and verdicts."""
+    import shutil
+
+    from memfree.detect import calibrate
+    path = tmp_path / "sd"
+    shutil.copytree(tiny_sd_path, path)
+    entry = calibrate(memfree.load(path).with_settings(num_inference_steps=3), ["a cat", "a dog", "a tree", "a house"],
+                      fpr=0.25, progress=False, min_prompts=4)
+    pipe = _open(path, "sd")
+    with protect(pipe) as guard:
+        out = _gen(pipe)
+    assert guard.threshold == entry["threshold"]
+    assert [r.flagged for r in out.memorization] == [r.score > entry["threshold"] for r in out.memorization]
+    with protect(pipe, threshold=123.0) as guard:
+        assert guard.threshold == 123.0
