@@ -285,6 +285,7 @@ class Guard:
         if self.index is not None:
             images = _images_tensor(out[0] if isinstance(out, tuple) else getattr(out, "images", None))
             if images is not None and len(images) == n:
+                images = images.to(self.denoiser.device)   # where AMG's checks ran: the embedder lives there
                 from memfree.similarity import nearest_training
                 nearest = nearest_training(self.index, images)
         reports = []
@@ -415,10 +416,9 @@ class Guard:
         extra batched pass at the detection timestep on this call's input."""
         if self.family == "sd3":
             return stat
-        det_t = self._detection_timestep()
-        init_sigma = float(getattr(self.pipe.scheduler, "init_noise_sigma", 1.0))
-        if int(round(float(t))) == det_t and init_sigma == 1.0:
+        if int(round(float(t))) == self._detection_timestep() and self._first_input_is_x_T():
             return stat
+        det_t = self._detection_timestep()
         self._run.source = "extra pass"
         td = torch.tensor(det_t, device=x_cond.device)
         ext = {k: v for k, v in extra.items()}
@@ -427,6 +427,16 @@ class Guard:
             out = self.call_denoiser(xx, td, embeds, ext).float()
         view = _View(self).at(td)
         return view.statistic(out[:half], out[half:], x_cond.float()).cpu()
+
+    def _first_input_is_x_T(self) -> bool:
+        """Whether the scheduler's first denoiser input is x_T itself: init_noise_sigma times the input scaling is
+        1 (DDIM, PNDM: both 1; Euler: √(σ²+1) and its inverse). Checked on a fresh copy of the scheduler."""
+        sched = self.pipe.scheduler
+        copy = type(sched).from_config(sched.config)
+        copy.set_timesteps(len(sched.timesteps))
+        one = torch.ones(1)
+        factor = float(copy.scale_model_input(one * copy.init_noise_sigma, copy.timesteps[0]))
+        return abs(factor - 1.0) < 1e-5
 
     def _detection_timestep(self) -> int:
         det = self.settings.detection or {}
@@ -501,13 +511,15 @@ def _open_index(index):
     return TrainingIndex.load(index)
 
 
-def protect(pipe, mitigation: str | None = None, index=None, threshold: float | None = None, **options) -> Guard:
+def protect(pipe, mitigation: str | None = None, index=None, threshold: float | None = None,
+            settings: ModelSettings | None = None, **options) -> Guard:
     """Put memfree into a diffusers pipeline: every call then reports ``out.memorization`` (one report per
     image) and, with ``mitigation="amg"`` or ``"wen"``, mitigates. ``guard.remove()`` takes it out again.
 
     ``index``: a training-set index folder (memfree index build) or loaded index; AMG needs one.
     ``threshold``: the detection threshold, else the one ``memfree calibrate`` stored for the pipeline's folder.
+    ``settings``: the model settings to use instead of the folder's (e.g. a calibrated ``detection`` timestep).
     ``options``: AMG's (``preset`` and any AMGConfig field) or wen's (``target``, ``target_scale``, ``lr``,
     ``max_iters``).
     """
-    return Guard(pipe, mitigation=mitigation, index=index, threshold=threshold, **options)
+    return Guard(pipe, mitigation=mitigation, index=index, threshold=threshold, settings=settings, **options)

@@ -263,3 +263,15 @@ def test_the_threshold_comes_from_memfree_calibrate(tiny_sd_path, tmp_path):
     assert [r.flagged for r in out.memorization] == [r.score > entry["threshold"] for r in out.memorization]
     with protect(pipe, threshold=123.0) as guard:
         assert guard.threshold == 123.0
+
+
+def test_sdxl_euler_gets_the_free_score_at_the_detection_timestep(tiny_sdxl_path):
+    """Euler scales x_T up by init_noise_sigma and the input back down: the first call's input is x_T, so at 50
+    steps (first timestep = the detection timestep) the score is free, and equals the extra pass of a 4-step run."""
+    pipe = _open(tiny_sdxl_path, "sdxl")
+    x_T = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+    with protect(pipe):
+        free = pipe(PROMPT, num_inference_steps=50, latents=x_T.clone(), output_type="latent").memorization[0]
+        extra = pipe(PROMPT, num_inference_steps=4, latents=x_T.clone(), output_type="latent").memorization[0]
+    assert (free.score_source, extra.score_source) == ("free", "extra pass")
+    assert free.score == pytest.approx(extra.score, rel=2e-5)
