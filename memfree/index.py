@@ -332,7 +332,9 @@ def _embed_in_shards(embed, shards: Path, plan: dict, where: str, progress: bool
     return np.concatenate([np.load(shards / f"{b:06d}.npy") for b in range(len(starts))]).astype(np.float32)
 
 
-def _make_faiss(vectors: np.ndarray, metric: str, factory: str) -> tuple[object, str, int | None]:
+def make_faiss_index(vectors: np.ndarray, metric: str, factory: str) -> tuple[object, str, int | None]:
+    """A FAISS index of ``vectors`` for ``metric``: exact up to 200k vectors, IVF-PQ above (``factory="auto"``);
+    returns (index, factory name, nprobe or None)."""
     import faiss
     n, dim = vectors.shape
     if factory == "auto":  # 8-bit direct only when lossless: integer pixel values, i.e. no resizing happened
@@ -386,7 +388,7 @@ def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, 
     plan = {"embedder": embedder.spec(), "count": n, "batch_size": batch_size}
     vectors = _embed_in_shards(lambda start, stop: _embed(embedder, images, start, stop, fixed), shards, plan,
                                f"half-built index at {out} (delete the folder to start over)", progress)
-    index, name, nprobe = _make_faiss(vectors, embedder.metric, factory)
+    index, name, nprobe = make_faiss_index(vectors, embedder.metric, factory)
     import faiss
     (out / "meta.json").unlink(missing_ok=True)  # an older index here is being replaced: no longer complete
     atomic_write(out / "index.faiss", lambda p: faiss.write_index(index, str(p)))
