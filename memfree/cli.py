@@ -350,6 +350,48 @@ def index_add(index_dir, images, captions, batch_size, quiet):
     click.echo(f"added {len(ids)} images to {index_dir}: {len(idx)} in all")
 
 
+@cli.command()
+@model_option
+@click.option("--index", "index_dir", default=None, metavar="DIR",
+              help="Training-set index for AMG and for every image's nearest training item (default: the index the "
+                   "model ships, if any).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="MEMFREE_API_KEY", default=None, metavar="KEY",
+              help="Require `Authorization: Bearer KEY` on every call but the page and /healthz "
+                   "(default: $MEMFREE_API_KEY; none: open to whoever reaches the address).")
+@click.option("--mitigation", default="amg", show_default=True, type=click.Choice(["none", "wen", "amg"]),
+              help="The mitigation of a request that names none.")
+@click.option("--queue-size", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait behind the running one; more are answered 503 with Retry-After.")
+@click.option("--max-n", default=4, show_default=True, type=click.IntRange(min=1), help="Images per request.")
+@click.option("--max-steps", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Sampling steps a request may ask for (at least the model's default).")
+@scheduler_option
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve(model_path, index_dir, host, port, api_key, mitigation, queue_size, max_n, max_steps, scheduler, log_level):
+    """Serve the model over HTTP: POST /v1/images/generations (OpenAI-shaped, protected by memfree),
+    POST /v1/memorization/check, and at / a page to look into a prompt. API docs at /docs."""
+    try:
+        from memfree.serve import create_app, local_host, run
+    except ImportError as e:
+        raise click.ClickException(f"memfree serve needs FastAPI and uvicorn ({e}): pip install 'memfree[serve]'")
+    if api_key is not None and not api_key.strip():
+        raise click.UsageError("--api-key is empty")
+    model = load_model(model_path, scheduler)
+    app = create_app(model, index=index_dir, api_key=api_key, queue_size=queue_size, max_n=max_n,
+                     max_steps=max_steps, default_mitigation=mitigation)
+    service = app.state.service
+    if not local_host(host) and not api_key:
+        click.echo(f"warning: listening on {host} without an API key: anyone who reaches it can use the model "
+                   "(set --api-key or MEMFREE_API_KEY)", err=True)
+    amg = "" if service.index is not None else "; no training-set index, so requests must ask for none or wen"
+    click.echo(f"memfree serves {model.label} ({service.size}, default mitigation {mitigation}{amg}) on "
+               f"http://{host}:{port}/  (API docs: /docs)", err=True)
+    run(app, host, port, log_level)
+
+
 def main() -> None:
     cli(prog_name="memfree")
 

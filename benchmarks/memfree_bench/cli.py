@@ -1,5 +1,7 @@
 """The benchmark commands, added to the `memfree` command line through the ``memfree.cli`` entry points:
-`memfree bench detect|mitigate|filter|overhead`, all on a testbed model with its ground truth."""
+`memfree bench detect|mitigate|filter|overhead`, all on a testbed model with its ground truth, and
+`memfree bench cost`, the price of protection on random models of the real architectures; `memfree bench serve`
+puts `memfree serve` under load."""
 from __future__ import annotations
 
 
@@ -115,3 +117,57 @@ def bench_detect(model_path, json_out, plot, negatives, quiet):
     click.echo(f"wrote {json_out} and {plot}")
 
 
+@bench.command("cost")
+@click.option("--arch", "archs", default="sd15", show_default=True,
+              help="Comma-separated architectures: sd15, sd21, sdxl, sd3 (random weights, real sizes), or tiny.")
+@click.option("--resolution", type=click.IntRange(min=64), default=None,
+              help="Image side in pixels, a multiple of 64 (default: each architecture's own: 512, 768, 1024, 1024).")
+@click.option("--steps", default=4, show_default=True, type=click.IntRange(min=1), help="Sampling steps per image.")
+@click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Rounds over all methods (each round one image per method).")
+@click.option("--vectors", default=1_000_000, show_default=True, type=click.IntRange(min=100),
+              help="Random 512-d vectors in the index AMG searches.")
+@click.option("--cache", default="memfree-out/bench-cost-cache", show_default=True, metavar="DIR",
+              help="Where the tokenizer, the TorchScript embedder and the index are kept between runs.")
+@click.option("--json", "json_out", default=None, metavar="OUT")
+@quiet_option
+def bench_cost(archs, resolution, steps, repeats, vectors, cache, json_out, quiet):
+    """What protection costs at the real size: seconds per image and peak memory of none, detect, wen,
+    amg-clean and amg-fired in one interleaved run (ratios to none), and the cost of each component.
+    CPU by default; CUDA in fp16 when it is there."""
+    from memfree_bench.cost import ARCHS, format_table, run_cost
+    names = [a.strip() for a in archs.split(",") if a.strip()]
+    bad = [a for a in names if a not in ARCHS]
+    if bad or not names:
+        raise click.UsageError(f"--arch: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(ARCHS)}")
+    if resolution is not None and resolution % 64:
+        raise click.UsageError(f"--resolution must be a multiple of 64, got {resolution}")
+    res = run_cost(names, resolution, steps, repeats, vectors, cache, progress=not quiet)
+    if json_out:
+        write_json(json_out, res)
+    click.echo(format_table(res))
+    if json_out:
+        click.echo(f"wrote {json_out}")
+
+
+@bench.command("serve")
+@model_option
+@click.option("--clients", default=32, show_default=True, type=click.IntRange(min=1), help="Concurrent clients.")
+@click.option("--seconds", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="How long the clients start new requests.")
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Sampling steps per generation.")
+@click.option("--generate-share", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of requests that generate (the others check a prompt).")
+@click.option("--mitigation", default="amg", show_default=True, type=click.Choice(["none", "wen", "amg"]))
+@click.option("--queue-size", default=8, show_default=True, type=click.IntRange(min=0))
+@click.option("--json", "json_out", default="bench-serve.json", show_default=True, metavar="OUT")
+@quiet_option
+def bench_serve(model_path, clients, seconds, steps, generate_share, mitigation, queue_size, json_out, quiet):
+    """`memfree serve` under load: concurrent clients on 127.0.0.1 mixing checks and generations; requests served,
+    p50/p95 latency per endpoint, errors by status, 5xx besides the queue's 503, requests lost, memory."""
+    from memfree_bench.serve import format_summary, run_serve_bench
+    res = run_serve_bench(model_path, clients, seconds, steps, generate_share, mitigation, queue_size,
+                          progress=not quiet)
+    write_json(json_out, res)
+    click.echo(format_summary(res))
+    click.echo(f"wrote {json_out}")
