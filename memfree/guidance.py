@@ -62,6 +62,7 @@ class AMGConfig:
     alpha: float = 0.5
     grid: int = 0                 # >0: the ∇σ step averages to zero over each cell of a grid×grid split
                                   # (1: no change of any channel's mean, so no escape by a colour cast)
+    latent_bar: float = 0.0       # with a LatentScreen: images whose latent σ is at or under this skip the full check
 
     def gate(self, t: float, num_train_timesteps: int = 1000) -> float:
         r = min(max(float(t) / num_train_timesteps, 0.0), 1.0)
@@ -125,7 +126,7 @@ def config_for(method: str, metric: str = "l2", threshold: float | None = None, 
 
 
 def _new_entry() -> dict:
-    return {"checked": 0, "screened_out": False, "watch": False, "max_sigma": None, "steps": []}
+    return {"checked": 0, "latent_checked": 0, "screened_out": False, "watch": False, "max_sigma": None, "steps": []}
 
 
 @dataclass
@@ -136,6 +137,7 @@ class AMG:
     config: AMGConfig = field(default_factory=AMGConfig)
     first_scores: torch.Tensor | None = None   # detection scores per image when the loop's first step is not
                                                # the detection input (the screen compares them with its threshold)
+    latent_screen: object | None = None        # a LatentScreen: a check starts in latent space, no decode
     log: dict[int, dict] = field(default_factory=lambda: defaultdict(_new_entry))
 
     def _due(self, step: int, i: int) -> bool:
@@ -149,6 +151,11 @@ class AMG:
             for j, i in enumerate(s.indices):
                 self.log[i]["screened_out"] = bool(scores[j] < cfg.screen)
         rows = [j for j, i in enumerate(s.indices) if self._due(s.step, i)]
+        if rows and self.latent_screen is not None:   # the cheap first stage: x̂0 against training latents
+            lat = self.latent_screen.similarity(predict_x0(s.x_t[rows], s.eps[rows].detach(), s.alpha_bar))
+            for j in rows:
+                self.log[s.indices[j]]["latent_checked"] += 1
+            rows = [j for r, j in enumerate(rows) if self.log[s.indices[j]]["watch"] or lat[r] > cfg.latent_bar]
         if not rows:
             return
         a = s.alpha_bar
@@ -207,5 +214,5 @@ class AMG:
         """What AMG did to image i: similarity checks run, steps at which each term fired, peak σ."""
         e = self.log[i]
         fired = {term: [st["step"] for st in e["steps"] if term in st["terms"]] for term in TERMS}
-        return {"checked_steps": e["checked"], "screened_out": e["screened_out"], "max_sigma": e["max_sigma"],
-                "fired_steps": fired}
+        return {"checked_steps": e["checked"], "latent_checked_steps": e["latent_checked"],
+                "screened_out": e["screened_out"], "max_sigma": e["max_sigma"], "fired_steps": fired}

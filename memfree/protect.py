@@ -40,7 +40,7 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"
 MITIGATIONS = (None, "amg", "wen")
 WEN_OPTIONS = ("target", "target_scale", "lr", "max_iters")
 AMG_OPTIONS = ("c1", "c2", "c3", "lam_lo", "lam_hi", "terms", "always_on", "screen", "check_every", "watch", "k",
-               "alpha", "grid")
+               "alpha", "grid", "latent_bar")
 
 
 @dataclass
@@ -210,7 +210,7 @@ class Guard:
         self.settings = settings or read_settings(Path(path) if path and Path(path).is_dir() else None)
         self.threshold = threshold if threshold is not None else self.settings.threshold
         self.mitigation, self.options = mitigation, options
-        allowed = {None: set(), "wen": set(WEN_OPTIONS), "amg": {"preset", *AMG_OPTIONS}}[mitigation]
+        allowed = {None: set(), "wen": set(WEN_OPTIONS), "amg": {"preset", "latent_screen", *AMG_OPTIONS}}[mitigation]
         unknown = set(options) - allowed
         if unknown:
             raise ValueError(f"unknown option(s) for mitigation {mitigation!r}: {', '.join(sorted(unknown))}; "
@@ -450,10 +450,14 @@ class Guard:
     def _amg_step(self, run, output, raw, x, t, embeds, extra, half):
         from memfree.guidance import AMG, config_for
         if run.amg is None:
-            overrides = {k: v for k, v in self.options.items() if k != "preset"}
+            overrides = {k: v for k, v in self.options.items() if k not in ("preset", "latent_screen")}
             cfg = config_for(self.options.get("preset", "amg"), self.index.embedder.metric, threshold=self.threshold,
                              **overrides)
-            run.amg = AMG(index=self.index, config=cfg, first_scores=run.first)
+            screen = self.options.get("latent_screen")
+            if isinstance(screen, (str, Path)):
+                from memfree.similarity import LatentScreen
+                screen = self.options["latent_screen"] = LatentScreen.load(screen)
+            run.amg = AMG(index=self.index, config=cfg, first_scores=run.first, latent_screen=screen)
         view = self.view
         g = float(getattr(self.pipe, "guidance_scale", 1.0))
         xf = x.float()[half:]
@@ -519,7 +523,8 @@ def protect(pipe, mitigation: str | None = None, index=None, threshold: float | 
     ``index``: a training-set index folder (memfree index build) or loaded index; AMG needs one.
     ``threshold``: the detection threshold, else the one ``memfree calibrate`` stored for the pipeline's folder.
     ``settings``: the model settings to use instead of the folder's (e.g. a calibrated ``detection`` timestep).
-    ``options``: AMG's (``preset`` and any AMGConfig field) or wen's (``target``, ``target_scale``, ``lr``,
-    ``max_iters``).
+    ``options``: AMG's (``preset``, any AMGConfig field, and ``latent_screen``: a
+    :class:`memfree.similarity.LatentScreen` or its file, the cheap latent first stage of each check) or wen's
+    (``target``, ``target_scale``, ``lr``, ``max_iters``).
     """
     return Guard(pipe, mitigation=mitigation, index=index, threshold=threshold, settings=settings, **options)

@@ -9,9 +9,11 @@ prompt with fresh detail does not.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from memfree.images import from_uint8
 
@@ -102,3 +104,53 @@ def nearest_training(index, images: torch.Tensor, k: int = 50) -> list[dict]:
     limit = copy_threshold(index.embedder.metric)
     return [{"id": index.ids[int(near[b, 0])], "caption": index.captions[int(near[b, 0])],
              "similarity": float(sig[b]), "memorized": bool(sig[b] > limit)} for b in range(len(images))]
+
+
+class LatentScreen:
+    """A cheap first stage for AMG's check: x̂0 compared, without decoding it, with the training images' own VAE
+    latents average-pooled to a small grid, by σ = 1 − nL2/2 over the k nearest (the pixel measure, in latent
+    space). An image whose latent σ stays under a bar skips the decode, the embedder and the index search."""
+
+    def __init__(self, latents: torch.Tensor, grid: int = 8, k: int = 50, alpha: float = 0.5):
+        """``latents``: (N, C, H, W) of the training images, as the UNet sees them (times the scaling factor)."""
+        self.grid, self.alpha = int(grid), alpha
+        self.vectors = F.adaptive_avg_pool2d(latents.float(), self.grid).flatten(1).contiguous()
+        self.k = min(k, len(self.vectors))
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def similarity(self, x0: torch.Tensor) -> torch.Tensor:
+        """σ of each x̂0 (B, C, H, W) in latent space to the nearest training latents, (B,)."""
+        q = F.adaptive_avg_pool2d(x0.detach().float(), self.grid).flatten(1).to(self.vectors.device)
+        d = torch.cdist(q, self.vectors, compute_mode="donot_use_mm_for_euclid_dist")
+        near, _ = d.topk(self.k, dim=1, largest=False)
+        return similarity_from_nl2(normalised_l2(near, self.alpha))
+
+    @classmethod
+    @torch.no_grad()
+    def from_images(cls, vae, images: torch.Tensor, grid: int = 8, batch_size: int = 64) -> "LatentScreen":
+        """Encode training images (N, 3, H, W) in [0, 1] with ``vae`` (posterior means × its scaling factor)."""
+        parts = []
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(vae.device, vae.dtype) * 2 - 1
+            parts.append(vae.encode(x).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+        return cls(torch.cat(parts), grid)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the pooled vectors and settings to a safetensors file."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        save_file({"vectors": self.vectors.contiguous()}, str(path),
+                  metadata={"grid": str(self.grid), "k": str(self.k), "alpha": str(self.alpha)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatentScreen":
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            meta, vectors = f.metadata(), f.get_tensor("vectors")
+        screen = cls.__new__(cls)
+        screen.grid, screen.k, screen.alpha = int(meta["grid"]), int(meta["k"]), float(meta["alpha"])
+        screen.vectors = vectors.float()
+        return screen

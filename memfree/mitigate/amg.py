@@ -24,13 +24,19 @@ def default_index(model: Model) -> TrainingIndex:
 
 class AMGMitigation(Mitigation):
     """AMG under ``preset`` (or an ablation name), searching ``index`` (a :class:`TrainingIndex` or its folder;
-    default: the one the model ships). Any :class:`memfree.guidance.AMGConfig` field overrides the preset."""
+    default: the one the model ships). Any :class:`memfree.guidance.AMGConfig` field overrides the preset.
+    ``latent_screen`` (a :class:`memfree.similarity.LatentScreen` or its file) starts each check in latent space."""
 
     name: ClassVar[str] = "amg"
 
-    def __init__(self, preset: str = "amg", index: TrainingIndex | str | Path | None = None, **overrides: Any):
+    def __init__(self, preset: str = "amg", index: TrainingIndex | str | Path | None = None,
+                 latent_screen: Any = None, **overrides: Any):
         config_for(preset, "l2", 0.0, **overrides)   # fail on a bad name or option before any work
         self.preset, self.index, self.overrides = preset, index, overrides
+        if isinstance(latent_screen, (str, Path)):
+            from memfree.similarity import LatentScreen
+            latent_screen = LatentScreen.load(latent_screen)
+        self.latent_screen = latent_screen
         self.piece: AMG | None = None
 
     @classmethod
@@ -38,7 +44,7 @@ class AMGMitigation(Mitigation):
         """The AMGConfig fields, with the preset's values for a pixel (l2) index as defaults."""
         cfg = config_for(preset, "l2", 0.0)
         fields = {f.name: (str(f.type), getattr(cfg, f.name)) for f in dataclasses.fields(AMGConfig)}
-        return {"index": ("str | None", None), **fields}
+        return {"index": ("str | None", None), "latent_screen": ("str | None", None), **fields}
 
     def pieces(self, request: Request) -> list[Piece]:
         index = self.index
@@ -47,7 +53,7 @@ class AMGMitigation(Mitigation):
         elif not isinstance(index, TrainingIndex):
             index = TrainingIndex.load(index)
         cfg = config_for(self.preset, index.embedder.metric, request.model.settings.threshold, **self.overrides)
-        self.piece = AMG(index, cfg, first_scores=request.score_before)
+        self.piece = AMG(index, cfg, first_scores=request.score_before, latent_screen=self.latent_screen)
         return [self.piece]
 
     def finish(self, request: Request, out: SampleOutput) -> None:

@@ -275,3 +275,29 @@ def test_sdxl_euler_gets_the_free_score_at_the_detection_timestep(tiny_sdxl_path
         extra = pipe(PROMPT, num_inference_steps=4, latents=x_T.clone(), output_type="latent").memorization[0]
     assert (free.score_source, extra.score_source) == ("free", "extra pass")
     assert free.score == pytest.approx(extra.score, rel=2e-5)
+
+
+def test_a_latent_screen_spares_clean_images_the_full_check_and_keeps_copies(tmp_path, tiny_sd_path):
+    """AMG's cheap first stage: a copy's x̂0 is near its training latent, so it still gets the full check and is
+    steered away as without the screen; an image far from every training latent skips decode, embed and search."""
+    from memfree.similarity import LatentScreen
+    pipe = _open(tiny_sd_path, "sd")
+    kw = {k: v for k, v in KW.items() if k != "output_type"}
+    latents = pipe(PROMPT, num_inference_steps=6, generator=torch.Generator().manual_seed(0), num_images_per_prompt=2,
+                   output_type="latent", **kw).images
+    index = _plant(tmp_path, _gen(pipe, steps=6).images)
+    screen = LatentScreen(torch.cat([latents, torch.randn(60, *latents.shape[1:]) * 3]), grid=4)
+    screen.save(tmp_path / "screen.safetensors")
+    options = {**STRONG, "always_on": False, "lam_lo": 0.0, "lam_hi": 0.0, "check_every": 1}
+    with protect(pipe, "amg", index=index, **options):
+        full = _gen(pipe, steps=6)
+    with protect(pipe, "amg", index=index, latent_screen=tmp_path / "screen.safetensors", latent_bar=0.3, **options):
+        screened = _gen(pipe, steps=6)
+    for a, b in zip(full.memorization, screened.memorization):
+        assert b.amg["latent_checked_steps"] >= 1 and b.amg["fired_steps"] == a.amg["fired_steps"]
+    assert np.array_equal(full.images, screened.images)
+    far = LatentScreen(torch.randn(60, *latents.shape[1:]) * 3 + 10, grid=4)     # nothing near: no full check
+    with protect(pipe, "amg", index=index, latent_screen=far, latent_bar=0.3, **options):
+        spared = _gen(pipe, steps=6)
+    assert all(r.amg["checked_steps"] == 0 and r.amg["latent_checked_steps"] == len(r.scores) and not r.mitigated
+               for r in spared.memorization)
