@@ -350,6 +350,82 @@ def index_add(index_dir, images, captions, batch_size, quiet):
     click.echo(f"added {len(ids)} images to {index_dir}: {len(idx)} in all")
 
 
+@cli.group("audit", cls=FriendlyGroup)
+def audit_group() -> None:
+    """Audit a training set for the duplication that makes models memorize."""
+
+
+def _read_items(path: str) -> list[tuple[str, str | None]]:
+    """Training items from JSONL: {"id", "caption"} a line, one line per time the pair is trained (or a "count")."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out += [(str(row["id"]), row.get("caption"))] * int(row.get("count", 1))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise click.UsageError(f"--items {path} line {n}: expected a JSON object with id, caption "
+                                   "(and optionally count)") from None
+    return out
+
+
+@audit_group.command("data")
+@click.option("--index", "index_dir", default=None, metavar="DIR", help="A built index of the training images.")
+@click.option("--model", "model_path", default=None, metavar="PATH|NAME",
+              help="Audit a model's own index (<model>/index) and the training items an installed package "
+                   "provides for it (with planted ground truth, precision and recall are scored).")
+@click.option("--items", "items_file", default=None, metavar="FILE.jsonl",
+              help="Training items: {\"id\", \"caption\"[, \"count\"]} a line, repeats included (default: each "
+                   "indexed image once under its caption).")
+@click.option("--json", "json_out", default=None, metavar="OUT", help="Write the report as JSON.")
+@click.option("--html", "html_out", default=None, metavar="OUT", help="Write a self-contained HTML page.")
+@click.option("--min-size", default=2, show_default=True, type=click.IntRange(min=2),
+              help="Leave out clusters trained fewer times than this.")
+@click.option("--threshold", default=None, type=float,
+              help="Near-identical bar: RMS pixel difference in [0, 1] for an l2 index (default 0.125), "
+                   "cosine for a cosine index (default 0.85).")
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1), help="Neighbours searched per image.")
+def audit_data_command(index_dir, model_path, items_file, json_out, html_out, min_size, threshold, k):
+    """Find duplicate clusters in a training set (verbatim repeats, one image under many captions, one caption
+    over near-identical images), ranked by how often they are trained."""
+    from memfree.audit import audit_data, ground_truth_for, render_html, score_against
+    from memfree.index import TrainingIndex
+    from memfree.io import write_json, write_text
+    truth, label = None, index_dir
+    if index_dir is None:
+        from memfree.model import resolve_model
+        folder, name = resolve_model(model_path)
+        label = f"{name or Path(folder).name}/index"   # the model's own index, named without a machine's path
+        if not (Path(folder) / "index" / "meta.json").exists():
+            raise click.UsageError(f"{folder} ships no training-set index: pass --index DIR")
+        index_dir, truth = Path(folder) / "index", ground_truth_for(folder)
+    elif model_path is not None:
+        raise click.UsageError("pass --index or --model, not both")
+    for out, option in ((json_out, "--json"), (html_out, "--html")):
+        if out:
+            writable_folder(str(Path(out).parent), option)
+    index = TrainingIndex.load(index_dir)
+    items = _read_items(items_file) if items_file else (truth or {}).get("items")
+    report = audit_data(index, items, threshold=threshold, k=k, min_size=min_size)
+    report["summary"]["index"] = str(label)
+    if truth and truth.get("groups") and not items_file:
+        report["score"] = score_against(report, truth["groups"])
+        report["precision"], report["recall"] = report["score"]["precision"], report["score"]["recall"]
+    s = report["summary"]
+    click.echo(f"{s['clusters']} clusters in {s['images']} images / {s['training_items']} training items "
+               f"({', '.join(f'{n} {kind}' for kind, n in s['by_kind'].items())}) in {s['seconds']} s")
+    for c in report["clusters"][:10]:
+        click.echo(f"  #{c['rank']:<3d} {c['kind']:11s} trained {c['training_count']:>5d}  images {c['size']:>4d}  "
+                   f"{(c['captions'][0] if c['captions'] else '')[:70]}")
+    if "score" in report:
+        click.echo(f"planted groups: precision {report['precision']:.3f}, recall {report['recall']:.3f}")
+    if json_out:
+        write_json(json_out, report)
+    if html_out:
+        write_text(html_out, render_html(report, index))
+
+
 @cli.command()
 @model_option
 @click.option("--index", "index_dir", default=None, metavar="DIR",
