@@ -39,7 +39,7 @@ import torch
 
 from memfree.denoise import branch_eps, predict_x0
 from memfree.sampling import StepState
-from memfree.similarity import nearest, similarity_to
+from memfree.similarity import index_tuning, nearest, similarity_to
 
 TERMS = ("spe", "dup", "sim")
 
@@ -96,18 +96,24 @@ VARIANTS: dict[str, dict] = {
 AMG_METHODS = tuple(PRESETS) + tuple(VARIANTS)
 
 
-def config_for(method: str, metric: str = "l2", threshold: float | None = None, **overrides) -> AMGConfig:
+def config_for(method: str, metric: str = "l2", threshold: float | None = None, tuned: dict | None = None,
+               **overrides) -> AMGConfig:
     """The configuration behind a method name (``amg``, ``amg-strong`` or an ablation) for an index
     metric; ``threshold`` is the calibrated detection threshold that ``amg-screen`` screens with.
-    ``overrides`` (any :class:`AMGConfig` field, ``None`` meaning "keep") win over the preset."""
+    ``tuned`` maps a preset name to AMGConfig values tuned for one embedder (an index's ``tuning.json``);
+    they replace the preset's, before the ablation. ``overrides`` (``None`` meaning "keep") win over all."""
     if method not in AMG_METHODS:
         raise ValueError(f"unknown AMG method {method!r}; choose one of {', '.join(AMG_METHODS)}")
     if metric not in ("l2", "cosine"):
         raise ValueError(f"unknown similarity metric {metric!r} (l2 or cosine)")
-    unknown = set(overrides) - set(AMGConfig.__dataclass_fields__)
+    given = set(overrides) | {k for values in (tuned or {}).values() for k in (values or {})}
+    unknown = given - set(AMGConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown AMG parameter(s): {', '.join(sorted(unknown))}")
-    cfg = replace(PRESETS.get(method, PRESETS["amg"])[metric], **VARIANTS.get(method, {}))
+    base = method if method in PRESETS else "amg"
+    cfg = replace(PRESETS[base][metric], **{k: (tuple(v) if k == "terms" else v)
+                                            for k, v in ((tuned or {}).get(base) or {}).items()})
+    cfg = replace(cfg, **VARIANTS.get(method, {}))
     if method == "amg-const":
         cfg = replace(cfg, lam_lo=cfg.lam_hi)
     if method == "amg-screen":
@@ -216,3 +222,8 @@ class AMG:
         fired = {term: [st["step"] for st in e["steps"] if term in st["terms"]] for term in TERMS}
         return {"checked_steps": e["checked"], "latent_checked_steps": e["latent_checked"],
                 "screened_out": e["screened_out"], "max_sigma": e["max_sigma"], "fired_steps": fired}
+
+
+def config_for_index(method: str, index, threshold: float | None = None, **overrides) -> AMGConfig:
+    """:func:`config_for` for ``index``: its metric, and the values its ``tuning.json`` holds for its embedder."""
+    return config_for(method, index.embedder.metric, threshold, index_tuning(index).get("amg"), **overrides)

@@ -448,11 +448,10 @@ class Guard:
         return int(reference.timesteps[0])
 
     def _amg_step(self, run, output, raw, x, t, embeds, extra, half):
-        from memfree.guidance import AMG, config_for
+        from memfree.guidance import AMG, config_for_index
         if run.amg is None:
             overrides = {k: v for k, v in self.options.items() if k not in ("preset", "latent_screen")}
-            cfg = config_for(self.options.get("preset", "amg"), self.index.embedder.metric, threshold=self.threshold,
-                             **overrides)
+            cfg = config_for_index(self.options.get("preset", "amg"), self.index, self.threshold, **overrides)
             screen = self.options.get("latent_screen")
             if isinstance(screen, (str, Path)):
                 from memfree.similarity import LatentScreen

@@ -8,6 +8,7 @@ prompt with fresh detail does not.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from memfree.images import from_uint8
 
 NL2_THRESHOLD = 1.4
+TUNING_FILE = "tuning.json"
 COSINE_THRESHOLD = 0.5   # SSCD cosine above which a generation counts as a copy (AMG's Stable Diffusion setting)
 
 
@@ -98,10 +100,41 @@ def copy_threshold(metric: str) -> float:
     return 1 - NL2_THRESHOLD / 2 if metric == "l2" else COSINE_THRESHOLD
 
 
+def index_tuning(index) -> dict:
+    """What an index's folder records about its embedder in ``tuning.json``: ``copy_threshold`` (the σ that
+    separates copies for this embedder) and ``amg`` (per preset, AMGConfig values tuned for it). Empty if none.
+    An embedder other than SSCD scores unrelated images on its own scale, so its gate cannot be SSCD's."""
+    path = getattr(index, "path", None)
+    if path is None or not (Path(path) / TUNING_FILE).is_file():
+        return {}
+    return json.loads((Path(path) / TUNING_FILE).read_text())
+
+
+def write_index_tuning(index_dir: str | Path, copy_threshold: float | None = None, amg: dict | None = None,
+                       **notes) -> Path:
+    """Record (merging with what is there) an index's copy threshold and AMG values tuned for its embedder."""
+    from memfree.io import write_json
+    path = Path(index_dir) / TUNING_FILE
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if copy_threshold is not None:
+        data["copy_threshold"] = float(copy_threshold)
+    if amg is not None:
+        data["amg"] = {**data.get("amg", {}), **amg}
+    data.update(notes)
+    write_json(path, data)
+    return path
+
+
+def index_copy_threshold(index) -> float:
+    """The copy threshold of ``index``: its own ``tuning.json`` value, else the metric's default."""
+    value = index_tuning(index).get("copy_threshold")
+    return float(value) if value is not None else copy_threshold(index.embedder.metric)
+
+
 def nearest_training(index, images: torch.Tensor, k: int = 50) -> list[dict]:
     """For each image (B, 3, H, W) in [0, 1]: its nearest training item's id and caption, σ, and the verdict."""
     sig, near = nearest(index, images, k)
-    limit = copy_threshold(index.embedder.metric)
+    limit = index_copy_threshold(index)
     return [{"id": index.ids[int(near[b, 0])], "caption": index.captions[int(near[b, 0])],
              "similarity": float(sig[b]), "memorized": bool(sig[b] > limit)} for b in range(len(images))]
 

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
-from memfree.guidance import AMG, AMGConfig, config_for
+from memfree.guidance import AMG, AMGConfig, config_for, config_for_index
 from memfree.index import TrainingIndex
 from memfree.mitigate.base import Mitigation, Request
 from memfree.model import Model, ModelError
@@ -52,7 +52,7 @@ class AMGMitigation(Mitigation):
             index = default_index(request.model)
         elif not isinstance(index, TrainingIndex):
             index = TrainingIndex.load(index)
-        cfg = config_for(self.preset, index.embedder.metric, request.model.settings.threshold, **self.overrides)
+        cfg = config_for_index(self.preset, index, request.model.settings.threshold, **self.overrides)
         self.piece = AMG(index, cfg, first_scores=request.score_before, latent_screen=self.latent_screen)
         return [self.piece]
 

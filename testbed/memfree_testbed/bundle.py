@@ -18,7 +18,7 @@ from memfree.index import PixelEmbedder, TrainingIndex, build_index
 from memfree.io import write_text
 from memfree.model import Model, ModelError
 from memfree.settings import user_home
-from memfree.similarity import COSINE_THRESHOLD, PixelIndex
+from memfree.similarity import PixelIndex, index_copy_threshold
 from memfree_testbed.probe import Probe, load_probe
 
 
@@ -66,8 +66,7 @@ def load_testbed(model: Model | str | Path) -> Testbed:
     meta = root.parent / "index" / "meta.json"
     if meta.exists() and json.loads(meta.read_text())["embedder"].get("metric") == "cosine":
         copy_index = TrainingIndex.load(root.parent / "index")
-        info = root / "embedder.json"
-        copy_threshold = json.loads(info.read_text())["copy_threshold"] if info.exists() else COSINE_THRESHOLD
+        copy_threshold = index_copy_threshold(copy_index)   # the embedder's own, from the index's tuning.json
     return Testbed(images=images, manifest=manifest, probe=load_probe(root), index=PixelIndex(images),
                    copy_index=copy_index, copy_threshold=copy_threshold)
 

@@ -367,6 +367,7 @@ def attach_index(model_dir: str | Path, data_dir: str | Path, embedder_path: str
         build_testbed_index(model_dir, progress=not quiet)
         return None
     from memfree.index import TorchScriptEmbedder
+    from memfree.similarity import write_index_tuning
     from memfree_testbed.embedder import evaluate_copy_detection
     target = model_dir / "embedder" / "copy-embedder.pt"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -377,4 +378,5 @@ def attach_index(model_dir: str | Path, data_dir: str | Path, embedder_path: str
     quality = evaluate_copy_detection(embedder, data_dir)
     write_text(model_dir / "testbed" / "embedder.json", json.dumps(quality, indent=1))
     build_testbed_index(model_dir, progress=not quiet, embedder=embedder)
+    write_index_tuning(model_dir / "index", copy_threshold=quality["copy_threshold"])
     return quality

@@ -102,3 +102,33 @@ def test_cosine_index_from_a_torchscript_embedder(tiny_sd_path, tmp_path):
     assert nearest(index, out.images)[0].item() < nearest(index, own)[0].item()
 
 
+
+
+def test_an_index_tuned_for_its_embedder_sets_the_gate_and_the_copy_threshold(tiny_sd_path, tmp_path):
+    """An embedder other than SSCD scores unrelated images on its own scale: its index's tuning.json replaces
+    the cosine preset's gate (per preset, before ablations and user overrides) and the copy verdict's threshold."""
+    from memfree.guidance import config_for_index
+    from memfree.index import TrainingIndex
+    from memfree.mitigate import build_mitigation, generate
+    from memfree.similarity import index_copy_threshold, nearest_training, write_index_tuning
+    model = memfree.load(tiny_sd_path).with_settings(num_inference_steps=4, guidance_scale=7.5)
+    own, index = _plant(model, "a castle", tmp_path, PixelEmbedder(size=8))
+    assert index_copy_threshold(index) == pytest.approx(0.3) and config_for_index("amg", index) == config_for("amg", "l2")
+    write_index_tuning(index.path, copy_threshold=0.95, amg={"amg": {"lam_lo": 0.97, "lam_hi": 0.99},
+                                                             "amg-strong": {"c3": 7.0}})
+    write_index_tuning(index.path, note="kept")            # merges, never drops what was recorded
+    index = TrainingIndex.load(index.path)
+    assert index_copy_threshold(index) == 0.95
+    assert nearest_training(index, own)[0]["memorized"] is (nearest(index, own)[0].item() > 0.95)
+    cfg = config_for_index("amg", index)
+    assert (cfg.lam_lo, cfg.lam_hi, cfg.c3) == (0.97, 0.99, config_for("amg", "l2").c3)
+    assert config_for_index("amg-no-sim", index).lam_lo == 0.97 and config_for_index("amg-no-sim", index).terms == ("spe", "dup")
+    assert config_for_index("amg-const", index).gate(1000) == 0.99
+    assert config_for_index("amg-strong", index).c3 == 7.0 and config_for_index("amg", index, lam_lo=0.1).lam_lo == 0.1
+    high = generate(model, ["a castle"], build_mitigation("amg", index=index), seed=0, progress=False)
+    low = generate(model, ["a castle"], build_mitigation("amg", index=index, lam_lo=0.0, lam_hi=0.0), seed=0,
+                   progress=False)
+    assert not high.reports[0].extra["amg"]["fired_steps"]["sim"]          # the tuned gate is out of reach
+    assert low.reports[0].extra["amg"]["fired_steps"]["sim"]
+    with pytest.raises(ValueError, match="unknown AMG parameter"):
+        config_for("amg", "l2", tuned={"amg": {"c9": 1.0}})
