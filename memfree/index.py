@@ -224,8 +224,10 @@ class TrainingIndex:
             meta = json.loads((path / "meta.json").read_text())
             stored, count, factory = meta["embedder"], int(meta["count"]), str(meta["factory"])
             index_file, items_file = _index_files(meta)
-            items = [json.loads(line) for line in (path / items_file).read_text().splitlines() if line.strip()]
-            index = faiss.read_index(str(path / index_file))
+            scaled = meta.get("format") == 3   # built at scale (memfree.index_scale): opened memory-mapped below
+            items = [] if scaled else [json.loads(line) for line in (path / items_file).read_text().splitlines()
+                                       if line.strip()]
+            index = None if scaled else faiss.read_index(str(path / index_file))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ValueError(f"index at {path} is broken ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                              "rebuild it with `memfree index build`") from e
@@ -234,6 +236,9 @@ class TrainingIndex:
         elif isinstance(embedder, PixelEmbedder) and embedder.dim == 0 and stored["kind"] == "pixel":
             embedder.size, embedder.dim = stored.get("size"), stored["dim"]
         _check_spec(stored, embedder.spec(), f"index at {path}")
+        if scaled:
+            from memfree.index_scale import open_scaled
+            return open_scaled(path, meta, embedder)
         if not (index.ntotal == len(items) == count):
             raise ValueError(f"index at {path} is inconsistent; rerun `memfree index build`")
         return cls(embedder, index, [str(it["id"]) for it in items], [it.get("caption") for it in items],
@@ -481,6 +486,9 @@ def add_to_index(index_dir: str | Path, images: np.ndarray | Sequence[str | Path
     if n == 0:
         raise ValueError("no images to add")
     index = TrainingIndex.load(path, embedder)
+    if json.loads((path / "meta.json").read_text()).get("format") == 3:
+        raise ValueError(f"the index at {path} was built at scale: add a shard of images to its source and rerun "
+                         "`memfree index build` (finished shards are reused)")
     staging = path / ADDING
     staged = json.loads((staging / "build.json").read_text()) if (staging / "build.json").exists() else None
     # default array ids continue from the size the index had when this add began, so a rerun names them alike

@@ -1,0 +1,181 @@
+"""Indexes at scale (memfree.sources, memfree.index_scale): webdataset and parquet sources, a Ray build identical to
+the single-process one, resuming an interrupted build, parameters from a memory budget, mmap search with fp16
+re-ranking, captions by id."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from memfree.index import PixelEmbedder, TrainingIndex, build_index
+from memfree.index_scale import (ScaledIndex, build_scaled, choose_params, embed_shards, index_from_shards,
+                                 parse_size)
+from memfree.sources import list_shards, read_shard
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def _images(n: int, seed: int = 0, size: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_tar(path, keys, images, corrupt=()):
+    with tarfile.open(path, "w") as tar:
+        for k, a in zip(keys, images):
+            _add(tar, f"{k}.png", b"not an image at all" if k in corrupt else _png(a))
+            _add(tar, f"{k}.txt", f"caption of {k}".encode())
+            _add(tar, f"{k}.json", json.dumps({"key": k, "url": f"http://x/{k}"}).encode())
+
+
+def test_webdataset_source_reads_captions_and_skips_a_corrupt_image(tmp_path):
+    imgs = _images(12)
+    keys = [f"{i:09d}" for i in range(12)]
+    (tmp_path / "data").mkdir()
+    _write_tar(tmp_path / "data" / "00000.tar", keys[:6], imgs[:6], corrupt={keys[3]})
+    _write_tar(tmp_path / "data" / "00001.tar", keys[6:], imgs[6:])
+    shards = list_shards(str(tmp_path / "data"))
+    assert [s.name for s in shards] == ["tar-00000", "tar-00001"]
+    samples = list(read_shard(shards[0]))
+    assert [s.id for s in samples] == keys[:6] and samples[1].caption == f"caption of {keys[1]}"
+    idx = build_scaled(str(tmp_path / "data"), tmp_path / "index", PixelEmbedder(8))
+    assert isinstance(idx, ScaledIndex) and len(idx) == 11
+    assert idx.meta["scale"]["skipped"] == 1 and keys[3] not in list(idx.ids)
+    d, i = idx.search(torch.from_numpy(imgs[7:8]).permute(0, 3, 1, 2).float().flatten(1), 1)
+    assert idx.ids[int(i[0, 0])] == keys[7] and float(d[0, 0]) == 0.0
+    assert idx.caption_of(keys[7]) == f"caption of {keys[7]}" and idx.position(keys[3]) is None
+
+
+def test_parquet_sources_with_bytes_or_paths_read_through_an_fsspec_url(tmp_path):
+    imgs = _images(10, seed=1)
+    (tmp_path / "pq" / "img").mkdir(parents=True)
+    ids = [f"p{i}" for i in range(10)]
+    rows = [_png(a) for a in imgs[:5]]
+    rows[2] = b"\x89PNG broken"
+    pq.write_table(pa.table({"id": ids[:5], "caption": [f"c{i}" for i in range(5)], "image": rows}),
+                   tmp_path / "pq" / "a.parquet")
+    for i in range(5, 10):
+        (tmp_path / "pq" / "img" / f"{i}.png").write_bytes(_png(imgs[i]))
+    pq.write_table(pa.table({"id": ids[5:], "caption": [f"c{i}" for i in range(5, 10)],
+                             "image_path": [f"img/{i}.png" for i in range(5, 10)]}), tmp_path / "pq" / "b.parquet")
+    url = f"file://{tmp_path}/pq/*.parquet"
+    assert [s.name for s in list_shards(url)] == ["parquet-a", "parquet-b"]
+    idx = build_scaled(url, tmp_path / "index", PixelEmbedder(8))
+    assert list(idx.ids) == ids[:2] + ids[3:] and idx.meta["scale"]["skipped"] == 1
+    assert idx.caption_of("p9") == "c9"
+    np.testing.assert_array_equal(idx.vectors(torch.tensor([8])).numpy()[0],
+                                  imgs[9].transpose(2, 0, 1).reshape(-1).astype(np.float32))
+
+
+def _folder(tmp_path, n=40):
+    imgs = _images(n, seed=2)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, a in enumerate(imgs):
+        Image.fromarray(a).save(folder / f"{i:03d}.png")
+    return imgs, folder
+
+
+def test_a_ray_build_on_two_workers_is_identical_to_the_single_process_build(tmp_path):
+    pytest.importorskip("ray")
+    imgs, folder = _folder(tmp_path)
+    files = sorted(folder.iterdir())
+    single = build_index(files, tmp_path / "single", PixelEmbedder(8), ids=[f.name for f in files], factory="flat",
+                         progress=False)
+    local = build_scaled(str(folder), tmp_path / "local", PixelEmbedder(8), shard_size=10)
+    on_ray = build_scaled(str(folder), tmp_path / "ray", PixelEmbedder(8), shard_size=10, ray=True, workers=2)
+    assert list(on_ray.ids) == list(local.ids) == single.ids and on_ray.meta["scale"]["shards"] == 4
+    every = torch.arange(len(single))
+    assert torch.equal(on_ray.vectors(every), single.vectors(every))
+    q = torch.from_numpy(imgs[::7]).permute(0, 3, 1, 2).float().flatten(1) + 3.0
+    for a, b in zip(on_ray.search(q, 5), single.search(q, 5)):
+        assert torch.equal(a, b)
+    for name in ("index.faiss", "items.parquet", "ids.order.npy"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+def test_an_interrupted_build_resumes_with_the_missing_shards_only_and_ends_identical(tmp_path):
+    _, folder = _folder(tmp_path)
+    full = build_scaled(str(folder), tmp_path / "full", PixelEmbedder(8), shard_size=10)
+
+    def crash_after_first(info):
+        raise KeyboardInterrupt("killed after the first shard")
+
+    with pytest.raises(KeyboardInterrupt):
+        build_scaled(str(folder), tmp_path / "cut", PixelEmbedder(8), shard_size=10, on_shard=crash_after_first)
+    assert not (tmp_path / "cut" / "meta.json").exists()
+    assert sorted(p.name for p in (tmp_path / "cut" / "shards").glob("folder-*.json")) == ["folder-000000.json"]
+    seen = []
+    resumed = build_scaled(str(folder), tmp_path / "cut", PixelEmbedder(8), shard_size=10, on_shard=seen.append)
+    assert [s["shard"] for s in seen] == ["folder-000001", "folder-000002", "folder-000003"]
+    assert list(resumed.ids) == list(full.ids)
+    every = torch.arange(len(full))
+    assert torch.equal(resumed.vectors(every), full.vectors(every))
+    assert embed_shards(list_shards(str(folder), shard_size=10), PixelEmbedder(8),
+                        tmp_path / "cut" / "shards") == {"embedded": 0, "reused": 4}
+
+
+def test_parameters_follow_the_number_of_vectors_and_the_memory_budget():
+    assert parse_size("4GB") == 4 * 2**30 and parse_size("512mb") == 512 * 2**20
+    assert choose_params(50_000, 512, parse_size("4GB"))["factory"] == "Flat"
+    big = choose_params(10**6, 512, parse_size("4GB"))
+    assert (big["nlist"], big["m"], big["rerank"]) == (4096, 64, True)
+    tight = choose_params(10**6, 512, parse_size("60MB"))
+    assert tight["m"] == 32 and tight["memory_bytes"] <= parse_size("60MB")
+    assert choose_params(10**7, 512, parse_size("4GB"))["nlist"] == 16384
+    assert choose_params(50_000, 512, parse_size("50MB"))["factory"].startswith("IVF")   # flat would not fit
+    with pytest.raises(ValueError, match="do not fit"):
+        choose_params(10**6, 512, parse_size("10MB"))
+
+
+def _write_shards(folder, vectors, per_shard):
+    (folder / "shards").mkdir(parents=True)
+    for s, lo in enumerate(range(0, len(vectors), per_shard)):
+        v = vectors[lo:lo + per_shard]
+        np.save(folder / "shards" / f"s{s:03d}.npy", v)
+        pq.write_table(pa.table({"id": [f"v{j}" for j in range(lo, lo + len(v))],
+                                 "caption": [f"caption {j}" for j in range(lo, lo + len(v))]}),
+                       folder / "shards" / f"s{s:03d}.parquet")
+        (folder / "shards" / f"s{s:03d}.json").write_text(json.dumps({"rows": len(v), "skipped": 0}))
+
+
+def test_ivfpq_index_is_memory_mapped_and_fp16_reranking_finds_the_exact_neighbours(tmp_path):
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 32))
+    x = centres[rng.integers(0, 20, 6000)] + 0.3 * rng.normal(size=(6000, 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    _write_shards(tmp_path, x, 1000)
+    spec = {"kind": "torchscript", "dim": 32, "metric": "cosine", "size": 8, "mean": [0, 0, 0], "std": [1, 1, 1],
+            "resize": "bilinear", "path": "unused.pt"}
+    meta = index_from_shards(tmp_path, spec, memory_budget=parse_size("200KB"))
+    assert meta["factory"].startswith("IVF") and meta["scale"]["rerank"] and meta["count"] == 6000
+    emb = PixelEmbedder(2)   # any embedder object of dim 32 and cosine metric
+    emb.dim, emb.metric, emb.spec = 32, "cosine", lambda: spec
+    idx = TrainingIndex.load(tmp_path, emb)
+    assert isinstance(idx, ScaledIndex) and isinstance(idx.stored, np.memmap)
+    q = x[:50] + 0.05 * rng.normal(size=(50, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sims, pos = idx.search(torch.from_numpy(q), 10)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(pos.numpy(), exact)])
+    assert recall >= 0.9
+    assert (pos[:, 0].numpy() == exact[:, 0]).mean() >= 0.95
+    np.testing.assert_allclose(sims[:, 0].numpy(), (q * x[pos[:, 0].numpy()]).sum(1), atol=2e-3)
+    assert idx.ids[4321] == "v4321" and idx.caption_of("v4321") == "caption 4321" and idx.position("nope") is None
