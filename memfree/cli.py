@@ -314,23 +314,56 @@ def index_group() -> None:
 
 
 @index_group.command("build")
-@click.option("--images", required=True, metavar="DIR", help="Folder of training images.")
+@click.option("--images", required=True, metavar="SOURCE",
+              help="Training images: a folder of images; or webdataset .tar shards (img2dataset) or .parquet files "
+                   "(id, caption, image bytes or image_path): a file, a folder of them or a glob, local or a URL.")
 @click.option("--captions", default=None, metavar="FILE",
-              help="Captions for the images: .txt (sorted file order), .jsonl or .csv with file,caption.")
+              help="Captions for a folder of images: .txt (sorted file order), .jsonl or .csv with file,caption.")
 @click.option("--embedder", default="pixel", show_default=True,
               help="pixel, pixel:SIZE, sscd:PATH or torchscript:PATH (optionally :SIZE after the path).")
 @click.option("--out", required=True, help="Index folder; an interrupted build resumes from it.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--factory", default="auto", show_default=True, type=click.Choice(["auto", "flat", "sq8", "ivfpq"]),
               help="FAISS index type; auto is exact up to 200k images, IVF+PQ above.")
+@click.option("--ray", "use_ray", is_flag=True, help="Embed on Ray Data (a local Ray started on --workers CPUs).")
+@click.option("--ray-address", default=None, metavar="ADDR", help="Embed on an existing Ray cluster (e.g. auto).")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Embedding actors.")
+@click.option("--memory-budget", default=None, metavar="SIZE",
+              help="Memory the index may take when searched (e.g. 4GB): sets IVF-PQ's lists and code size.")
+@click.option("--shard-size", default=10_000, show_default=True, type=click.IntRange(min=1),
+              help="Images per shard of a folder (tar and parquet files are a shard each).")
 @quiet_option
-def index_build(images, captions, embedder, out, batch_size, factory, quiet):
-    """Embed training images and write a FAISS index with their ids and captions."""
+def index_build(images, captions, embedder, out, batch_size, factory, use_ray, ray_address, workers, memory_budget,
+                shard_size, quiet):
+    """Embed training images and write a FAISS index with their ids and captions. Shards, parquet, Ray or a memory
+    budget build an index at scale: resumable shard by shard, opened memory-mapped (docs/index-at-scale.md)."""
     from memfree.index import build_index, load_image_source, parse_embedder
-    source, ids, caps = load_image_source(images, captions)
-    idx = build_index(source, out, parse_embedder(embedder), ids=ids, captions=caps, batch_size=batch_size,
-                      factory=factory, progress=not quiet)
-    click.echo(f"indexed {len(idx)} images, dim {idx.embedder.dim}, {idx.factory}, in {out}")
+    local = Path(images)
+    plain = local.is_dir() and not any(p.suffix.lower() in (".tar", ".parquet") for p in local.iterdir())
+    if plain and not (use_ray or ray_address or memory_budget):
+        source, ids, caps = load_image_source(images, captions)
+        idx = build_index(source, out, parse_embedder(embedder), ids=ids, captions=caps, batch_size=batch_size,
+                          factory=factory, progress=not quiet)
+        click.echo(f"indexed {len(idx)} images, dim {idx.embedder.dim}, {idx.factory}, in {out}")
+        return
+    import time
+    from memfree.index_scale import build_scaled, parse_size
+    if factory == "sq8":
+        raise click.UsageError("--factory sq8 is not available at scale: use auto, flat or ivfpq")
+    t0, done = time.perf_counter(), []
+
+    def on_shard(info: dict) -> None:
+        done.append(info)
+        if not quiet:
+            click.echo(f"shard {info['shard']}: {info['rows']} images, {info['skipped']} skipped", err=True)
+
+    idx = build_scaled(images, out, parse_embedder(embedder), captions, batch_size, shard_size,
+                       parse_size(memory_budget or "4GB"), factory, use_ray, ray_address, workers, on_shard)
+    s = idx.meta["scale"]
+    seconds = time.perf_counter() - t0
+    click.echo(f"indexed {len(idx)} images ({s['skipped']} skipped: unreadable) from {s['shards']} shards, "
+               f"dim {idx.embedder.dim}, {idx.factory}, in {out} ({seconds:.1f} s, "
+               f"{sum(i['rows'] for i in done) / seconds:.0f} images/s embedded now)")
 
 
 @index_group.command("add")

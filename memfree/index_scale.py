@@ -64,7 +64,8 @@ def choose_params(n: int, dim: int, memory_budget: int, factory: str = "auto") -
                          f"(an IVF-PQ index needs at least {need:.0f} MB)")
     m = max(fits)
     nprobe = max(16, min(128, nlist // 64))
-    return {"factory": f"IVF{nlist},PQ{m}np", "nlist": nlist, "m": m, "nprobe": nprobe, "rerank": True,
+    coarse = f"IVF{nlist}" + ("_HNSW32" if nlist > 4096 else "")   # many lists: assign through a graph, not a scan
+    return {"factory": f"{coarse},PQ{m}np", "nlist": nlist, "m": m, "nprobe": nprobe, "rerank": True,
             "memory_bytes": int(fixed + n * (m + 8))}
 
 
