@@ -14,6 +14,15 @@ configuration); '{}' now means today's dissimilarity-only preset:
 
     python experiments/amg_tune.py --config '{}' --config '{"c3": 150}' --config '{"grid": 0}' \
         >> docs/results/v5/amg-tune.jsonl
+
+With ``--triggers suffix`` the trigger captions are instead the verbatim and caption-duplication captions with
+a suffix no training caption has (", high quality"): on the latent testbed the faces rarely copy, and every
+planted caption that does is in the benchmark, so these are the copying captions it never uses. On a model
+with a copy detector (the latent testbed) "memorized" is its verdict (cosine above its threshold); nL2's is
+reported beside it (``memorized_nl2``). It produced docs/results/latent/amg-tune.jsonl:
+
+    python experiments/amg_tune.py --model testbed-latent --triggers suffix --seeds 5000 \
+        --config '{"lam_lo": 0.8, "lam_hi": 0.85}' ... >> docs/results/latent/amg-tune.jsonl
 """
 import json
 import sys
@@ -22,8 +31,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from common import experiment_parser, open_testbed
-from memfree.guidance import config_for
+from common import experiment_parser, open_testbed, tuning_triggers
+from memfree.guidance import config_for_index
 from memfree.mitigate import default_index, generate
 from memfree.similarity import NL2_THRESHOLD
 from memfree_bench.mitigate import trigger_alignment
@@ -33,48 +42,63 @@ parser.add_argument("--config", action="append", metavar="JSON",
                     help='AMG overrides as a JSON object, e.g. \'{"c3": 150}\'; repeatable (default: {}, the preset)')
 parser.add_argument("--seeds", default="5000,6000", help="comma-separated base seeds; prompt i gets base + i")
 parser.add_argument("--per-face", type=int, default=4, help="unused training captions per face (default: 4)")
+parser.add_argument("--triggers", choices=("faces", "suffix"), default="faces",
+                    help="unused face captions (default), or planted captions with an unseen suffix")
 args = parser.parse_args()
 
 model, tb = open_testbed(args.model)
 index = default_index(model)
 seeds = [int(s) for s in args.seeds.split(",")]
-used = {e["prompt"] for entries in tb.eval_sets.values() for e in entries}
-by_face: dict[int, list[str]] = {}
-for t in tb.manifest["train"]:
-    if t["kind"] == "image_dup" and t["caption"] not in used:
-        by_face.setdefault(t["image"], []).append(t["caption"])
-prompts = [c for face in sorted(by_face) for c in by_face[face][:args.per_face]]
-owners = [{"prompt": p} for p in prompts]
+owners = tuning_triggers(tb, args.triggers, args.per_face)
+prompts = [o["prompt"] for o in owners]
 
 
-def run(method: str, overrides: dict) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(seeds, prompts) alignment and nL2, and the share of images the dissimilarity term fired on."""
-    align, nl2, fired = np.zeros((len(seeds), len(prompts))), np.zeros((len(seeds), len(prompts))), []
+def copied(images: torch.Tensor) -> np.ndarray:
+    """The testbed's verdict per image: its copy detector's when it has one, else nL2 < 1.4."""
+    if tb.copy_index is None:
+        return tb.index.search(images).nl2.numpy() < NL2_THRESHOLD
+    sim, _ = tb.copy_index.search(tb.copy_index.embedder(images), 1)
+    return sim[:, 0].numpy() > tb.copy_threshold
+
+
+def run(method: str, overrides: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(seeds, prompts) alignment, nL2 and the testbed's copy verdict, and the share of images AMG fired on."""
+    shape = (len(seeds), len(prompts))
+    align, nl2, copy, fired, seconds = np.zeros(shape), np.zeros(shape), np.zeros(shape, bool), [], 0.0
     for a, s in enumerate(seeds):
         options = {"index": index, **overrides} if method != "none" else {}
         g = generate(model, prompts, method, seed=s, progress=False, **options)
         with torch.no_grad():
             feats = torch.cat([tb.probe.features(g.images[i:i + 256]) for i in range(0, len(g.images), 256)])
-        align[a] = trigger_alignment(tb, "image_dup", owners, feats)
-        nl2[a] = tb.index.search(g.images).nl2.numpy()
-        fired += [bool(r.extra["amg"]["fired_steps"]["sim"]) for r in g.reports if "amg" in r.extra]
-    return align, nl2, {"fired_rate": float(np.mean(fired)) if fired else 0.0}
+            for name in sorted({o["set"] for o in owners}):
+                rows = [i for i, o in enumerate(owners) if o["set"] == name]
+                align[a, rows] = trigger_alignment(tb, name, [owners[i] for i in rows], feats[rows])
+            nl2[a] = tb.index.search(g.images).nl2.numpy()
+            copy[a] = copied(g.images)
+        fired += [bool(any(r.extra["amg"]["fired_steps"].values())) for r in g.reports if "amg" in r.extra]
+        seconds += g.seconds
+    return align, nl2, copy, {"fired_rate": float(np.mean(fired)) if fired else 0.0,
+                              "seconds_per_image": round(seconds / copy.size, 4)}
 
 
-base, base_nl2, _ = run("none", {})
-print(f"none: memorized {np.mean(base_nl2 < NL2_THRESHOLD):.3f}, alignment {base.mean():.4f}", file=sys.stderr)
+base, base_nl2, base_copy, base_stats = run("none", {})
+print(f"none: memorized {base_copy.mean():.3f} (nL2 {np.mean(base_nl2 < NL2_THRESHOLD):.3f}), "
+      f"alignment {base.mean():.4f}, {base_stats['seconds_per_image']} s/image", file=sys.stderr)
 for arg in args.config or ["{}"]:
     overrides = json.loads(arg)
-    align, nl2, stats = run("amg", overrides)
+    align, nl2, copy, stats = run("amg", overrides)
     diff = align - base                                   # paired: same prompt, same seed
     rng = np.random.default_rng(0)
     boot = [diff[:, rng.integers(0, diff.shape[1], diff.shape[1])].mean() for _ in range(args.bootstrap)]
-    resolved = config_for("amg", index.embedder.metric, model.settings.threshold, **overrides)
+    resolved = config_for_index("amg", index, model.settings.threshold, **overrides)
     config = {k: v for k, v in asdict(resolved).items()
-              if k in ("c1", "c2", "c3", "lam_lo", "lam_hi", "terms", "check_every", "grid")}
-    row = {"config": config, "generations": int(diff.size),
-           "none_memorized": float(np.mean(base_nl2 < NL2_THRESHOLD)), "memorized": float(np.mean(nl2 < NL2_THRESHOLD)),
+              if k in ("c1", "c2", "c3", "lam_lo", "lam_hi", "terms", "check_every", "grid", "watch", "smooth")}
+    row = {"config": config, "triggers": args.triggers, "generations": int(diff.size),
+           "none_memorized": float(base_copy.mean()), "memorized": float(copy.mean()),
+           "none_memorized_nl2": float(np.mean(base_nl2 < NL2_THRESHOLD)),
+           "memorized_nl2": float(np.mean(nl2 < NL2_THRESHOLD)),
            "min_nl2": round(float(nl2.min()), 3), "none_alignment": round(float(base.mean()), 4),
            "alignment": round(float(align.mean()), 4), "difference_points": round(100 * float(diff.mean()), 2),
-           "ci95_points": [round(100 * float(np.percentile(boot, q)), 2) for q in (2.5, 97.5)], **stats}
+           "ci95_points": [round(100 * float(np.percentile(boot, q)), 2) for q in (2.5, 97.5)],
+           "none_seconds_per_image": base_stats["seconds_per_image"], **stats}
     print(json.dumps(row), flush=True)

@@ -21,3 +21,24 @@ def experiment_parser(doc: str, bootstrap: int | None = None) -> argparse.Argume
 def open_testbed(model: str) -> tuple[memfree.Model, Testbed]:
     m = memfree.load(model)
     return m, load_testbed(m)
+
+
+SUFFIX = ", high quality"   # in no training caption
+
+
+def tuning_triggers(tb: Testbed, kind: str = "faces", per_face: int = 4) -> list[dict]:
+    """Trigger captions that no evaluation set uses, as eval-set-like entries with the set they stand for.
+
+    ``faces``: the next ``per_face`` training captions of every duplicated face. ``suffix``: the verbatim and
+    caption-duplication captions with :data:`SUFFIX` appended (on the latent testbed the faces rarely copy, and
+    every planted caption that does is in the benchmark; with the suffix most still copy)."""
+    if kind == "suffix":
+        return [{**e, "prompt": e["prompt"] + SUFFIX, "set": name}
+                for name in ("verbatim", "caption_dup") for e in tb.eval_sets[name]]
+    used = {e["prompt"] for entries in tb.eval_sets.values() for e in entries}
+    by_face: dict[int, list[str]] = {}
+    for t in tb.manifest["train"]:
+        if t["kind"] == "image_dup" and t["caption"] not in used and t["caption"] not in by_face.get(t["image"], []):
+            by_face.setdefault(t["image"], []).append(t["caption"])
+    return [{"prompt": c, "image": face, "set": "image_dup"}
+            for face in sorted(by_face) for c in by_face[face][:per_face]]

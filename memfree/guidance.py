@@ -63,6 +63,8 @@ class AMGConfig:
     grid: int = 0                 # >0: the ∇σ step averages to zero over each cell of a grid×grid split
                                   # (1: no change of any channel's mean, so no escape by a colour cast)
     latent_bar: float = 0.0       # with a LatentScreen: images whose latent σ is at or under this skip the full check
+    smooth: int = 0               # >0: the ∇σ step is averaged over a smooth×smooth grid of cells, so x̂0 cannot
+                                  # escape a learned embedder by fine-grained changes it alone notices
 
     def gate(self, t: float, num_train_timesteps: int = 1000) -> float:
         r = min(max(float(t) / num_train_timesteps, 0.0), 1.0)
@@ -126,8 +128,8 @@ def config_for(method: str, metric: str = "l2", threshold: float | None = None, 
         raise ValueError(f"unknown AMG term(s) {', '.join(sorted(bad))}; terms are {', '.join(TERMS)}")
     if cfg.check_every < 1:
         raise ValueError("check_every must be at least 1")
-    if cfg.grid < 0:
-        raise ValueError("grid must be 0 (off) or a positive number of cells per side")
+    if cfg.grid < 0 or cfg.smooth < 0:
+        raise ValueError("grid and smooth must be 0 (off) or a positive number of cells per side")
     return cfg
 
 
@@ -187,6 +189,9 @@ class AMG:
             if cfg.grid > 0:
                 coarse = torch.nn.functional.adaptive_avg_pool2d(grad, cfg.grid)
                 grad = grad - torch.nn.functional.interpolate(coarse, size=grad.shape[-2:], mode="nearest")
+            if cfg.smooth > 0:
+                coarse = torch.nn.functional.adaptive_avg_pool2d(grad, cfg.smooth)
+                grad = torch.nn.functional.interpolate(coarse, size=grad.shape[-2:], mode="bilinear", align_corners=False)
             change[fired_rows] += cfg.c3 * (a.sqrt() / (1 - a).sqrt()) * grad
         s0 = s.guidance_scale
         sig_c = sig.clamp(min=0)

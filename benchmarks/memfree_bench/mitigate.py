@@ -100,9 +100,15 @@ def evaluate_method(model: Model, tb: Testbed, method: str, name: str, seeds: li
     ref_ids = sorted({i for e in entries for i in _kind_images(tb, name, e)})
     ref = _features(tb, from_uint8(tb.images[ref_ids])).numpy()
     applied = [r for r in reports if r.applied]
+    if tb.copy_index is not None:   # a model with a learned copy detector: its verdict beside nL2's
+        cos, _ = tb.copy_index.search(tb.copy_index.embedder(images), 1)
+        by_cosine = {"memorization_rate_cosine": float((cos[:, 0] > tb.copy_threshold).float().mean()),
+                         "top1_cosine": float(cos[:, 0].max())}
+    else:
+        by_cosine = {}
     return {
         "method": method, "prompt_set": name, "prompts": len(entries), "generations": len(images),
-        "memorization_rate": float((nl2 < NL2_THRESHOLD).float().mean()),
+        "memorization_rate": float((nl2 < NL2_THRESHOLD).float().mean()), **by_cosine,
         "top5_similarity": float(sim[:top].mean()), "top1_similarity": float(sim[0]),
         "alignment": alignment, "frechet": frechet_distance(feats.numpy(), ref),
         "seconds_per_image": seconds / len(images),
@@ -169,13 +175,15 @@ def _ratios(rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     """A Markdown table, one line per method and prompt set."""
-    head = ("| method | prompt set | memorized | top-5% sim | top-1 sim | alignment | Fréchet | applied "
-            "| s/image | × none |")
-    lines = [head, "|" + "---|" * 10]
+    cosine = any("memorization_rate_cosine" in r for r in rows)
+    head = ("| method | prompt set | memorized | " + ("copies (detector) | " if cosine else "") +
+            "top-5% sim | top-1 sim | alignment | Fréchet | applied | s/image | × none |")
+    lines = [head, "|" + "---|" * (11 if cosine else 10)]
     for r in sorted(rows, key=lambda r: (SETS.index(r["prompt_set"]) if r["prompt_set"] in SETS else 99,
                                          list(METHODS).index(r["method"]) if r["method"] in METHODS else 99)):
         ratio = "" if r.get("overhead_ratio") is None else f"{r['overhead_ratio']:.2f}"
-        lines.append(f"| {r['method']} | {r['prompt_set']} | {r['memorization_rate']:.3f} | {r['top5_similarity']:.3f} "
+        detector = f"{r['memorization_rate_cosine']:.3f} | " if cosine else ""
+        lines.append(f"| {r['method']} | {r['prompt_set']} | {r['memorization_rate']:.3f} | {detector}{r['top5_similarity']:.3f} "
                      f"| {r['top1_similarity']:.3f} | {r['alignment']:.3f} | {r['frechet']:.2f} | {r.get('applied_rate', 0):.2f} "
                      f"| {r['seconds_per_image']:.3f} | {ratio} |")
     return "\n".join(lines)

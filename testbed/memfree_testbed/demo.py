@@ -2,7 +2,8 @@
 
 For every prompt: the first-step detection score and verdict, the prompt's words coloured by how much each
 drives memorization, the generation without memfree and with its default mitigation (AMG) from the same seed,
-and the nearest training image of each with its nL2. At the top, a summary of the whole page.
+and the nearest training image of each with its similarity (nL2, or the
+testbed's copy detector where it has one). At the top, a summary of the whole page.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from memfree.io import write_text
 from memfree.mitigate import default_index, generate
 from memfree.model import Model
 from memfree.similarity import NL2_THRESHOLD
-from memfree_testbed.bundle import load_testbed
+from memfree_testbed.bundle import Testbed, load_testbed
 from memfree_testbed.probe import accuracy
 
 SECTIONS = (("verbatim", 8, "Verbatim: one photo under one caption, {n} times in training"),
@@ -65,9 +66,21 @@ def _coloured_words(words: list[str], significance: list[float], scale: float | 
                     f'{min(1.0, max(0.0, s / top)):.2f})">{html.escape(w)}</span>' for w, s in zip(words, significance))
 
 
-def _verdict(nl2: float) -> str:
-    memorized = nl2 < NL2_THRESHOLD
-    return f"<span class='{'mem' if memorized else 'ok'}'>nL2 {nl2:.2f} {'memorized' if memorized else 'novel'}</span>"
+def judge(tb: Testbed, images: torch.Tensor) -> tuple[list[int], list[bool], list[str]]:
+    """Each image's nearest training image, the testbed's verdict, and a label: by the testbed's learned copy
+    detector (cosine above its threshold) when it has one, else by nL2 < 1.4 on pixels."""
+    if tb.copy_index is not None:
+        sim, near = tb.copy_index.search(tb.copy_index.embedder(images), 1)
+        ids = [int(tb.copy_index.ids[int(j)]) for j in near[:, 0]]
+        hit = [bool(c > tb.copy_threshold) for c in sim[:, 0]]
+        return ids, hit, [f"cosine {float(c):.2f}" for c in sim[:, 0]]
+    found = tb.index.search(images)
+    return ([int(i) for i in found.ids], [bool(m) for m in found.memorized],
+            [f"nL2 {float(d):.2f}" for d in found.nl2])
+
+
+def _verdict(label: str, memorized: bool) -> str:
+    return f"<span class='{'mem' if memorized else 'ok'}'>{label} {'memorized' if memorized else 'novel'}</span>"
 
 
 def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = True,
@@ -84,6 +97,8 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
     body: list[str] = []
     seconds = {"none": 0.0, mitigation: 0.0}
     sections = [(name, (sizes or {}).get(name, n), title) for name, n, title in SECTIONS]
+    sections = [sec for sec in sections if sec[1] > 0]   # a size of 0 leaves the section out
+    scale = max(1, 96 // tb.images.shape[1])   # thumbnails about 96 pixels wide: ×3 at 32×32, ×1 at 64×64
     for name, n, title in tqdm(sections, desc="demo", unit="section", disable=not progress):
         entries = tb.eval_sets[name][:n]
         prompts = [e["prompt"] for e in entries]
@@ -91,9 +106,10 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
         cured = generate(model, prompts, mitigation, seed=seed, index=index, progress=False)
         seconds["none"] += base.seconds
         seconds[mitigation] += cured.seconds
-        near_base, near_cured = tb.index.search(base.images), tb.index.search(cured.images)
-        row = {"prompts": len(prompts), "memorized_without": float(near_base.memorized.float().mean()),
-               "memorized_with": float(near_cured.memorized.float().mean())}
+        (ids_base, mem_base, label_base), (ids_cured, mem_cured, label_cured) = judge(tb, base.images), judge(
+            tb, cured.images)
+        row = {"prompts": len(prompts), "memorized_without": float(np.mean(mem_base)),
+               "memorized_with": float(np.mean(mem_cured))}
         if name == "heldout":
             attrs = [e["attrs"] for e in entries]
             row["alignment_without"] = accuracy(tb.probe.predict(base.images), attrs)["mean"]
@@ -109,26 +125,28 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
             flagged = threshold is not None and score > threshold
             verdict = "uncalibrated" if threshold is None else ("MEMORIZED" if flagged else "ok")
             planted = sorted(set([e["image"]] if "image" in e else e.get("images", [])))
-            left = _png(tb.images[planted[0]]) if planted else "<i>none (novel composition)</i>"
+            left = _png(tb.images[planted[0]], scale) if planted else "<i>none (novel composition)</i>"
             untouched = not cured.reports[i].applied and torch.equal(cured.images[i], base.images[i])
             note = ("<div class='note'>bit-identical to the generation without memfree: AMG's gate never fired"
                     "</div>" if untouched else "")
             body.append(
                 f"<tr class='row'><td>{_coloured_words(ex.words, ex.significance, threshold)}</td>"
                 f"<td class='{'mem' if flagged else 'ok'}'>{score:.3f} {verdict}</td><td>{left}</td>"
-                f"<td>{_png(base.images[i], cls='without')}<br>{_verdict(float(near_base.nl2[i]))}</td>"
-                f"<td>{_png(tb.images[int(near_base.ids[i])])}</td>"
-                f"<td>{_png(cured.images[i], cls='with')}<br>{_verdict(float(near_cured.nl2[i]))}{note}</td>"
-                f"<td>{_png(tb.images[int(near_cured.ids[i])])}</td></tr>")
+                f"<td>{_png(base.images[i], scale, 'without')}<br>{_verdict(label_base[i], mem_base[i])}</td>"
+                f"<td>{_png(tb.images[ids_base[i]], scale)}</td>"
+                f"<td>{_png(cured.images[i], scale, 'with')}<br>{_verdict(label_cured[i], mem_cured[i])}{note}</td>"
+                f"<td>{_png(tb.images[ids_cured[i]], scale)}</td></tr>")
         body.append("</table>")
     ratio = seconds[mitigation] / max(seconds["none"], 1e-9)
+    criterion = (f"the testbed's copy detector gives its nearest training image a cosine above {tb.copy_threshold:.3f}"
+                 if tb.copy_index is not None else
+                 f"its nearest training image has nL2 &lt; {NL2_THRESHOLD} (AMG's normalised ℓ2)")
     head = ["<!doctype html><meta charset='utf-8'><title>memfree demo</title>", f"<style>{STYLE}</style>",
             "<h1>memfree on its testbed: what the model copies, and what memfree does about it</h1>",
             f"<p>Model <code>{html.escape(model.label)}</code>, {type(model.scheduler).__name__} "
             f"{model.settings.num_inference_steps} steps, guidance {model.settings.guidance_scale}, image i of each "
             f"section from seed {seed} + i, without memfree and with <code>{html.escape(mitigation)}</code>. A "
-            f"generation is memorized when its nearest training image has nL2 &lt; {NL2_THRESHOLD} (AMG's "
-            "normalised ℓ2). Detection is Wen et al.'s first-step score against the model's calibrated threshold"
+            f"generation is memorized when {criterion}. Detection is Wen et al.'s first-step score against the model's calibrated threshold"
             f"{'' if threshold is None else f' ({threshold:.3f})'}; a word's colour is how much the score falls "
             "when it is deleted (full red: by the threshold or more).</p>", _summary_table(summary, ratio, mitigation)]
     total = time.perf_counter() - t0

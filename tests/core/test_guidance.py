@@ -132,3 +132,26 @@ def test_an_index_tuned_for_its_embedder_sets_the_gate_and_the_copy_threshold(ti
     assert low.reports[0].extra["amg"]["fired_steps"]["sim"]
     with pytest.raises(ValueError, match="unknown AMG parameter"):
         config_for("amg", "l2", tuned={"amg": {"c9": 1.0}})
+
+
+def test_a_smoothed_dissimilarity_step_is_constant_over_each_cell(tiny_sd_path, tmp_path):
+    """``smooth=n``: the ∇σ step is averaged over n×n cells (no fine-grained escape from a learned embedder)."""
+    model = memfree.load(tiny_sd_path).with_settings(num_inference_steps=2, guidance_scale=7.5)
+    own, index = _plant(model, "a red house", tmp_path, PixelEmbedder())
+    changes = []
+
+    def before(s):
+        changes.append(s.eps.clone())
+
+    def after(s):
+        changes.append(s.eps - changes.pop())
+
+    for smooth in (0, 1):
+        piece = AMG(index, AMGConfig(terms=("sim",), c3=50.0, always_on=True, check_every=1, smooth=smooth))
+        sample(model, ["a red house"], 0, pieces=[before, piece, after], progress=False)
+    plain, smoothed = changes[0], changes[2]                        # the first step of each run
+    flat = smoothed.flatten(2)
+    assert flat.abs().max() > 0 and torch.allclose(flat, flat[..., :1].expand_as(flat), atol=1e-6)
+    assert not torch.allclose(plain.flatten(2), plain.flatten(2)[..., :1].expand_as(plain.flatten(2)), atol=1e-6)
+    with pytest.raises(ValueError, match="smooth"):
+        config_for("amg", "l2", smooth=-1)

@@ -52,3 +52,16 @@ def test_protect_equals_memfree_own_amg_on_planted_captions(latent):
     assert [r.amg["fired_steps"] for r in out.memorization] == [piece.summary(i)["fired_steps"] for i in range(2)]
     assert any(piece.summary(i)["fired_steps"]["sim"] for i in range(2))   # the gate opened: AMG acted
     assert (out.images.float() - ours).abs().max() < 2e-3
+
+
+def test_the_demo_page_judges_by_the_copy_detector_at_64_pixels(latent, tmp_path):
+    """`memfree demo --model testbed-latent`: the same page, each generation judged by the bundled copy detector,
+    and on the verbatim captions shown AMG leaves no copy where the model without memfree makes them."""
+    from memfree_testbed.demo import SECTIONS, run_demo
+    model, tb = latent
+    sizes = {name: 0 for name, _, _ in SECTIONS} | {"verbatim": 4, "heldout": 2}
+    res = run_demo(model, tmp_path, progress=False, sizes=sizes)
+    page = (tmp_path / "index.html").read_text()
+    assert f"cosine above {tb.copy_threshold:.3f}" in page and "cosine 0." in page and "nL2 " not in page
+    assert page.count("<tr class='row'>") == 6
+    assert res["sets"]["verbatim"]["memorized_without"] >= 0.5 and res["sets"]["verbatim"]["memorized_with"] == 0.0
