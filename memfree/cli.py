@@ -243,12 +243,28 @@ def mitigations():
               help="Average over N starting noises.")
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--out", "out_dir", default=None, metavar="DIR",
+              help="Audit at scale: scores to DIR/scores.parquet in chunks; an interrupted run resumes.")
+@click.option("--ray", "use_ray", is_flag=True, help="With --out: score across Ray workers (a local Ray).")
+@click.option("--ray-address", default=None, metavar="ADDR", help="With --out: an existing Ray cluster.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=1), help="Ray workers.")
+@click.option("--chunk", default=1024, show_default=True, type=click.IntRange(min=1), help="Prompts per chunk.")
 @quiet_option
-def detect(prompts, prompts_file, column, model_path, steps, generations, seed, as_json, quiet):
+def detect(prompts, prompts_file, column, model_path, steps, generations, seed, as_json, out_dir, use_ray,
+           ray_address, workers, chunk, quiet):
     """Score prompts for memorization (Wen et al.): mean ‖ε_c − ε_u‖₂, threshold and verdict."""
     from memfree.detect import detect as run
     from memfree.pipelines import open_pipeline, pipeline_detect, pipeline_family
     prompts = read_prompts(prompts, prompts_file, column)
+    if out_dir or use_ray or ray_address:
+        if not out_dir or steps != 1:
+            raise click.UsageError("an audit at scale (--ray) needs --out DIR and scores the first step (--steps 1)")
+        from memfree.detect_scale import detect_at_scale
+        res = detect_at_scale(model_path, prompts, out_dir, chunk, generations, seed, use_ray, ray_address, workers)
+        rate = f", {res['prompts_per_s']} prompts/s" if res["prompts_per_s"] else ""
+        click.echo(f"scored {res['scored_now']} of {res['prompts']} prompts in {res['seconds']} s{rate}: "
+                   f"{Path(out_dir) / 'scores.parquet'}")
+        return
     if pipeline_family(model_path):   # SDXL and SD3 folders: scored through memfree.protect on their own pipeline
         if steps != 1:
             raise click.UsageError("SDXL and SD3 folders are scored at the first step only (--steps 1)")

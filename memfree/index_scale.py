@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,6 +31,7 @@ from memfree.sources import Shard, decode_image, list_shards, read_shard
 ROW_GROUP = 4096       # items.parquet rows per row group: a caption lookup reads one group
 RERANK = 10            # an IVF-PQ search re-ranks RERANK * k candidates exactly from the fp16 vectors
 TRAIN_PER_LIST = 39    # FAISS's minimum training points per k-means centroid
+TRAIN_MAX = 2**18      # at most this many training vectors (0.5 GB at 512-d; FAISS copies them twice)
 
 
 def parse_size(text: str) -> int:
@@ -200,35 +202,42 @@ def index_from_shards(out_dir: str | Path, embedder_spec: dict, memory_budget: i
     (out / "meta.json").unlink(missing_ok=True)   # whatever index was here is being replaced
     vec = lambda s: np.load(shards / f"{s}.npy", mmap_mode="r")
     index = faiss.index_factory(dim, params["factory"], faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
+    t0 = time.perf_counter()
     if not index.is_trained:   # a sample spread over all shards, read through memory maps
-        size = min(n, max(TRAIN_PER_LIST * params["nlist"], 256 * 64))
+        size = min(n, max(TRAIN_PER_LIST * params["nlist"], 256 * 64), TRAIN_MAX)
         take = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
         bounds = np.cumsum([0] + counts)
-        parts = [vec(s)[take[(take >= lo) & (take < hi)] - lo] for s, lo, hi in zip(names, bounds, bounds[1:])]
-        index.train(np.ascontiguousarray(np.concatenate(parts), dtype=np.float32))
-    f16 = None
+        sample = np.empty((size, dim), np.float32)
+        for s, lo, hi in zip(names, bounds, bounds[1:]):
+            a, b = np.searchsorted(take, [lo, hi])
+            sample[a:b] = vec(s)[take[a:b] - lo]
+        index.train(sample)
+        del sample
+    t1 = time.perf_counter()
+    f16 = None   # written sequentially, not through a memory map (whose dirty pages would count as resident)
     if params["rerank"]:
-        f16 = np.lib.format.open_memmap(out / ".vectors.f16.npy.tmp", "w+", np.float16, (n, dim))
+        f16 = open(out / ".vectors.f16.npy.tmp", "wb")
+        np.lib.format.write_array_header_1_0(f16, {"descr": "<f2", "fortran_order": False, "shape": (n, dim)})
     writer = pq.ParquetWriter(out / ".items.parquet.tmp", pa.schema([("id", pa.string()), ("caption", pa.string())]))
     ids, pos = [], 0
     try:
         for s, c in zip(names, counts):
-            v = np.ascontiguousarray(vec(s), dtype=np.float32)
+            v = np.load(shards / f"{s}.npy").astype(np.float32, copy=False)
             if len(v) != c or (c and v.shape[1] != dim):
                 raise ValueError(f"shard {s} holds {v.shape} vectors, its record says {c} of {dim}")
             index.add(v)
             if f16 is not None:
-                f16[pos:pos + c] = v
+                f16.write(v.astype(np.float16).tobytes())
             table = pq.read_table(shards / f"{s}.parquet")
             writer.write_table(table, row_group_size=ROW_GROUP)
-            ids += table.column("id").to_pylist()
+            ids.append(np.array([i.encode() for i in table.column("id").to_pylist()] or [b""], bytes)[:c])
             pos += c
     finally:
         writer.close()
-    if f16 is not None:
-        f16.flush()
-        del f16
-    keys = np.array([i.encode() for i in ids], dtype=bytes)
+        if f16 is not None:
+            f16.close()
+    keys = np.concatenate(ids)
+    del ids
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     dup = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
@@ -248,7 +257,8 @@ def index_from_shards(out_dir: str | Path, embedder_spec: dict, memory_budget: i
     meta = {"format": 3, "embedder": _portable_spec(embedder_spec, out), "count": n, "factory": params["factory"],
             "nprobe": params["nprobe"], "files": files,
             "scale": {**params, "shards": len(names), "skipped": sum(i["skipped"] for i in infos),
-                      "memory_budget": memory_budget}}
+                      "memory_budget": memory_budget, "train_seconds": round(t1 - t0, 1),
+                      "fill_seconds": round(time.perf_counter() - t1, 1)}}
     write_json(out / "meta.json", meta)
     return meta
 
@@ -374,7 +384,8 @@ class ScaledIndex(TrainingIndex):
 def open_scaled(path: Path, meta: dict, embedder: Embedder) -> ScaledIndex:
     """Open a format-3 index (called by :meth:`TrainingIndex.load`), the FAISS index memory-mapped."""
     import faiss
-    index = faiss.read_index(str(path / meta["files"]["index"]), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)   # zero-copy mmap of the lists (FAISS >= 1.10)
+    index = faiss.read_index(str(path / meta["files"]["index"]), flag)
     if index.ntotal != int(meta["count"]):
         raise ValueError(f"index at {path} is inconsistent; rerun `memfree index build`")
     return ScaledIndex(embedder, index, path, meta)

@@ -179,3 +179,35 @@ def test_ivfpq_index_is_memory_mapped_and_fp16_reranking_finds_the_exact_neighbo
     assert (pos[:, 0].numpy() == exact[:, 0]).mean() >= 0.95
     np.testing.assert_allclose(sims[:, 0].numpy(), (q * x[pos[:, 0].numpy()]).sum(1), atol=2e-3)
     assert idx.ids[4321] == "v4321" and idx.caption_of("v4321") == "caption 4321" and idx.position("nope") is None
+
+
+def test_a_prompt_audit_at_scale_resumes_chunk_by_chunk_and_matches_memfree_detect(tiny_sd_path, tmp_path):
+    import memfree
+    from memfree.detect import detect
+    from memfree.detect_scale import detect_at_scale
+    prompts = [f"a photo of thing number {i}" for i in range(5)]
+
+    def crash(part):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        detect_at_scale(str(tiny_sd_path), prompts, tmp_path / "audit", chunk=2, on_chunk=crash)
+    res = detect_at_scale(str(tiny_sd_path), prompts, tmp_path / "audit", chunk=2)
+    assert (res["prompts"], res["scored_now"]) == (5, 3)
+    table = pq.read_table(tmp_path / "audit" / "scores.parquet").to_pydict()
+    want = [d.score for d in detect(memfree.load(str(tiny_sd_path)), prompts, progress=False)]
+    assert table["prompt"] == prompts
+    np.testing.assert_allclose(table["score"], want, rtol=1e-5)
+
+
+def test_the_cli_builds_from_webdataset_shards_and_reports_the_skipped_images(tmp_path):
+    from click.testing import CliRunner
+    from memfree.cli import cli
+    (tmp_path / "data").mkdir()
+    keys = [f"k{i}" for i in range(6)]
+    _write_tar(tmp_path / "data" / "a.tar", keys, _images(6, seed=4), corrupt={"k5"})
+    r = CliRunner().invoke(cli, ["index", "build", "--images", str(tmp_path / "data"), "--embedder", "pixel:4",
+                                 "--out", str(tmp_path / "idx"), "--memory-budget", "64MB", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "indexed 5 images (1 skipped: unreadable) from 1 shards" in r.output
+    assert TrainingIndex.load(tmp_path / "idx").captions[4] == "caption of k4"
