@@ -1,9 +1,10 @@
 """The benchmark commands, added to the `memfree` command line through the ``memfree.cli`` entry points:
 `memfree bench detect|mitigate|filter|overhead`, all on a testbed model with its ground truth, and
 `memfree bench cost`, the price of protection on random models of the real architectures; `memfree bench serve`
-puts `memfree serve` under load."""
+puts `memfree serve` under load; `memfree bench index`, the training-set index at scale on synthetic vectors."""
 from __future__ import annotations
 
+import os
 
 import click
 
@@ -170,4 +171,45 @@ def bench_serve(model_path, clients, seconds, steps, generate_share, mitigation,
                           progress=not quiet)
     write_json(json_out, res)
     click.echo(format_summary(res))
+    click.echo(f"wrote {json_out}")
+
+
+@bench.command("index")
+@click.option("--vectors", default="1000000", show_default=True,
+              help="Number of vectors, or several comma-separated (one build each).")
+@click.option("--dim", default=512, show_default=True, type=click.IntRange(min=8))
+@click.option("--nprobe", "nprobes", default="16,32,64", show_default=True, help="Comma-separated nprobe values.")
+@click.option("--queries", default=300, show_default=True, type=click.IntRange(min=10))
+@click.option("--memory-budget", default="4GB", show_default=True, help="The index's memory budget.")
+@click.option("--work", default="bench-index-work", show_default=True, metavar="DIR",
+              help="Scratch folder for the shards and the index (deleted after each size).")
+@click.option("--embed-images", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also time the embedding stage on this many 256x256 JPEGs in a webdataset shard (pixel:64).")
+@click.option("--json", "json_out", default="bench-index.json", show_default=True, metavar="OUT",
+              help="Results; rows of other sizes already in it are kept.")
+def bench_index(vectors, dim, nprobes, queries, memory_budget, work, embed_images, json_out):
+    """The index at scale on synthetic clustered vectors: recall@10 against exact search, latency per query,
+    build time and peak memory."""
+    import json
+    import platform
+    from pathlib import Path
+    from memfree.index_scale import parse_size
+    from memfree_bench.index import run_bench
+    from memfree_bench.index import embedding_throughput
+    sizes = [int(float(v)) for v in vectors.split(",") if v.strip() and int(float(v)) > 0]
+    probes = tuple(int(v) for v in nprobes.split(",") if v.strip())
+    result = json.loads(Path(json_out).read_text()) if Path(json_out).exists() else {"rows": []}
+    result.update({"benchmark": "memfree bench index", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"})
+    if embed_images:
+        result["embedding"] = embedding_throughput(embed_images, Path(work) / "embed")
+        click.echo(f"embedding: {result['embedding']['images_per_s']} images/s ({result['embedding']})")
+        write_json(json_out, result)
+    for n in sizes:
+        rows = run_bench(n, dim, Path(work) / str(n), probes, queries, parse_size(memory_budget))
+        result["rows"] = [r for r in result["rows"] if (r["vectors"], r["dim"]) != (n, dim)] + rows
+        write_json(json_out, result)
+        for r in rows:
+            click.echo(f"{r['vectors']:>10d} x {r['dim']}  nprobe {r['nprobe']}  recall@10 {r['recall_at_10']:.3f}  "
+                       f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  build {r['build_seconds']} s "
+                       f"({r['build_vectors_per_s']}/s)  peak {r['peak_memory_mb']} MB  {r['factory']}")
     click.echo(f"wrote {json_out}")
