@@ -101,3 +101,20 @@ def test_a_chunk_with_its_offset_seed_makes_the_same_images_as_the_whole_request
     whole = generate(model, prompts, "none", seed=5, progress=False).images
     tail = generate(model, prompts[1:], "none", seed=6, progress=False).images
     assert torch.allclose(whole[1:], tail, atol=1e-5)
+
+
+def test_on_a_testbed_with_a_copy_detector_rows_carry_its_verdict(tmp_path):
+    """On the latent testbed each row also says what share its copy detector calls a copy, and the table shows it."""
+    from memfree_testbed.bundle import load_testbed
+    model = memfree.load("testbed-latent").with_settings(num_inference_steps=10)
+    res = run_bench(model, tmp_path / "l.json", methods=("none",), sets=("caption_dup",), seeds=(0,), limit=4,
+                    progress=False)
+    row = res["rows"][0]
+    tb = load_testbed(model)
+    prompts = [e["prompt"] for e in tb.eval_sets["caption_dup"][:4]]
+    images = memfree.mitigate.generate(model, prompts, "none", seed=0, progress=False).images
+    cos, _ = tb.copy_index.search(tb.copy_index.embedder(images), 1)
+    assert row["memorization_rate_cosine"] == pytest.approx(float((cos[:, 0] > tb.copy_threshold).float().mean()))
+    assert row["top1_cosine"] == pytest.approx(float(cos[:, 0].max()), abs=1e-6)
+    assert "copies (detector)" in format_table(res["rows"]) and "copies (detector)" not in format_table(
+        [{k: v for k, v in row.items() if k != "memorization_rate_cosine"}])

@@ -1,0 +1,68 @@
+r"""AMG guided by one similarity and judged by another, on the latent testbed: the copy detector's cosine index (the
+shipped one), a pixel index (nL2 on 32×32 thumbnails, built here), and both pieces composed in one sampling loop.
+
+Each guide runs on the first ``--limit`` prompts of each set at seed round 0 (prompt i: seed i); every image is
+judged by pixel nL2 (< 1.4) and by the copy detector (cosine above its threshold). It produced
+docs/results/latent/amg-two-judges.json:
+
+    python experiments/amg_two_judges.py --model testbed-latent --out docs/results/latent/amg-two-judges.json
+"""
+from pathlib import Path
+
+from common import experiment_parser, open_testbed
+from memfree.index import PixelEmbedder, TrainingIndex, build_index
+from memfree.io import write_json
+from memfree.mitigate import Mitigation, build_mitigation, default_index, generate
+from memfree.similarity import NL2_THRESHOLD
+
+parser = experiment_parser(__doc__)
+parser.add_argument("--sets", default="verbatim,caption_dup,heldout")
+parser.add_argument("--limit", type=int, default=20)
+parser.add_argument("--pixel-index", default="runs/latent/pixel-index", help="where the pixel index is (built if absent)")
+parser.add_argument("--out", required=True, metavar="JSON")
+args = parser.parse_args()
+
+model, tb = open_testbed(args.model)
+cosine = default_index(model)
+if not (Path(args.pixel_index) / "meta.json").exists():
+    caption = {}
+    for t in tb.manifest["train"]:
+        caption.setdefault(t["image"], t["caption"])
+    build_index(tb.images, args.pixel_index, PixelEmbedder(size=32),
+                captions=[caption.get(i) for i in range(len(tb.images))], progress=False)
+pixel = TrainingIndex.load(args.pixel_index)
+
+
+class Composed(Mitigation):
+    """AMG over several indexes: one AMG piece per index, in one sampling loop (each sees the ε̂ the last left)."""
+
+    name = "amg"
+
+    def __init__(self, *indexes):
+        self.parts = [build_mitigation("amg", index=ix) for ix in indexes]
+
+    def pieces(self, request):
+        return [p for part in self.parts for p in part.pieces(request)]
+
+    def finish(self, request, out):
+        self.parts[-1].finish(request, out)
+
+
+def judged(images) -> dict:
+    sim, _ = tb.copy_index.search(tb.copy_index.embedder(images), 1)
+    return {"memorized_nl2": float((tb.index.search(images).nl2 < NL2_THRESHOLD).float().mean()),
+            "memorized_detector": float((sim[:, 0] > tb.copy_threshold).float().mean())}
+
+
+guides = {"none": lambda: "none", "copy detector": lambda: Composed(cosine), "pixels": lambda: Composed(pixel),
+          "both": lambda: Composed(pixel, cosine)}
+rows = []
+for name in args.sets.split(","):
+    prompts = [e["prompt"] for e in tb.eval_sets[name]][:args.limit]
+    for guide, make in guides.items():
+        g = generate(model, prompts, make(), seed=0, progress=False)
+        rows.append({"prompt_set": name, "guided_by": guide, "prompts": len(prompts), **judged(g.images),
+                     "seconds_per_image": round(g.seconds / len(prompts), 3)})
+        print(rows[-1], flush=True)
+write_json(args.out, {"model": model.label, "note": "seconds are on a shared 2-core CPU, for comparison within a set",
+                      "rows": rows})
