@@ -135,7 +135,7 @@ def parse_embedder(text: str) -> Embedder:
     raise ValueError(f"unknown embedder {text!r}: use pixel, pixel:SIZE, sscd:PATH or torchscript:PATH")
 
 
-def _portable_spec(spec: dict, index_dir: Path) -> dict:
+def portable_spec(spec: dict, index_dir: Path) -> dict:
     """An embedder file that ships with the index (inside the folder that holds the index) is recorded
     relative to the index, so the pair can be moved or installed as a package together."""
     if "path" not in spec:
@@ -164,7 +164,8 @@ def embedder_from_spec(spec: dict) -> Embedder:
     raise ValueError(f"unknown embedder kind {spec['kind']!r} in index")
 
 
-def _check_spec(stored: dict, given: dict, where: str) -> None:
+def check_spec(stored: dict, given: dict, where: str) -> None:
+    """Raise IndexMismatchError naming every field (but the model path) where two embedder specs differ."""
     keys = [k for k in dict.fromkeys([*stored, *given]) if k != "path"]
     diff = [f"{k} {stored.get(k)!r} (index) vs {given.get(k)!r} (given)" for k in keys if stored.get(k) != given.get(k)]
     if diff:
@@ -235,7 +236,7 @@ class TrainingIndex:
             embedder = embedder_from_spec(_resolved_spec(stored, path))
         elif isinstance(embedder, PixelEmbedder) and embedder.dim == 0 and stored["kind"] == "pixel":
             embedder.size, embedder.dim = stored.get("size"), stored["dim"]
-        _check_spec(stored, embedder.spec(), f"index at {path}")
+        check_spec(stored, embedder.spec(), f"index at {path}")
         if scaled:
             from memfree.index_scale import open_scaled
             return open_scaled(path, meta, embedder)
@@ -305,7 +306,8 @@ def _embed(embedder: Embedder, images, start: int, stop: int, fixed_size: int | 
     return out
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save to exactly ``path`` (no ".npy" appended)."""
     with open(path, "wb") as f:  # a file handle, so np.save does not append ".npy" to the temp name
         np.save(f, array)
 
@@ -319,7 +321,7 @@ def _embed_in_shards(embed, shards: Path, plan: dict, where: str, progress: bool
     shards.mkdir(parents=True, exist_ok=True)
     if (shards / "build.json").exists():
         old = json.loads((shards / "build.json").read_text())
-        _check_spec(old["embedder"], plan["embedder"], where)
+        check_spec(old["embedder"], plan["embedder"], where)
         if (old["count"], old["batch_size"]) != (n, batch_size):
             raise IndexMismatchError(f"{where} was started with {old['count']} images in batches of "
                                      f"{old['batch_size']}, now {n} in batches of {batch_size}")
@@ -333,7 +335,7 @@ def _embed_in_shards(embed, shards: Path, plan: dict, where: str, progress: bool
         shard = shards / f"{b:06d}.npy"
         if not shard.exists():
             vec = embed(start, min(start + batch_size, n))
-            atomic_write(shard, lambda p: _save_npy(p, vec))
+            atomic_write(shard, lambda p: save_npy(p, vec))
     return np.concatenate([np.load(shards / f"{b:06d}.npy") for b in range(len(starts))]).astype(np.float32)
 
 
@@ -399,7 +401,7 @@ def build_index(images: np.ndarray | Sequence[str | Path], out_dir: str | Path, 
     atomic_write(out / "index.faiss", lambda p: faiss.write_index(index, str(p)))
     lines = "".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in zip(ids, captions))
     atomic_write(out / "items.jsonl", lambda p: p.write_text(lines))
-    meta = {"format": 1, "embedder": _portable_spec(embedder.spec(), out), "count": n, "factory": name,
+    meta = {"format": 1, "embedder": portable_spec(embedder.spec(), out), "count": n, "factory": name,
             "nprobe": nprobe}
     atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     _remove_unused(out, meta)   # the files of an index this one replaced, e.g. one grown by add_to_index

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memfree.index import (EXACT_LIMIT, Embedder, IndexMismatchError, TrainingIndex, _check_spec, _portable_spec,
-                           _save_npy, embedder_from_spec)
+from memfree.index import (EXACT_LIMIT, Embedder, IndexMismatchError, TrainingIndex, check_spec, embedder_from_spec,
+                           portable_spec, save_npy)
 from memfree.io import atomic_write, write_json
 from memfree.sources import Shard, decode_image, list_shards, read_shard
 
@@ -105,7 +105,7 @@ def embed_shard(shard: Shard, embedder: Embedder, out: Path, batch_size: int = 2
         flush()
     vectors = np.concatenate(vecs) if vecs else np.zeros((0, embedder.dim), np.float32)
     table = pa.table({"id": pa.array(ids, pa.string()), "caption": pa.array(caps, pa.string())})
-    atomic_write(out / f"{shard.name}.npy", lambda p: _save_npy(p, vectors))
+    atomic_write(out / f"{shard.name}.npy", lambda p: save_npy(p, vectors))
     atomic_write(out / f"{shard.name}.parquet", lambda p: pq.write_table(table, p))
     info = {"shard": shard.name, "rows": len(ids), "skipped": skipped}
     write_json(out / f"{shard.name}.json", info)
@@ -164,7 +164,7 @@ def embed_shards(shards: Sequence[Shard], embedder: Embedder, out: Path, batch_s
     out.mkdir(parents=True, exist_ok=True)
     plan = {"embedder": embedder.spec()}
     if (out / "build.json").exists():
-        _check_spec(json.loads((out / "build.json").read_text())["embedder"], plan["embedder"],
+        check_spec(json.loads((out / "build.json").read_text())["embedder"], plan["embedder"],
                     f"half-built index at {out.parent} (delete {out} to start over)")
     else:
         write_json(out / "build.json", plan)
@@ -244,8 +244,8 @@ def index_from_shards(out_dir: str | Path, embedder_spec: dict, memory_budget: i
     if len(dup):
         raise ValueError(f"{len(dup)} ids repeat across the shards (e.g. {sorted_keys[dup[0]].decode()}); "
                          "ids must be unique")
-    atomic_write(out / "ids.sorted.npy", lambda p: _save_npy(p, sorted_keys))
-    atomic_write(out / "ids.order.npy", lambda p: _save_npy(p, order.astype(np.int64)))
+    atomic_write(out / "ids.sorted.npy", lambda p: save_npy(p, sorted_keys))
+    atomic_write(out / "ids.order.npy", lambda p: save_npy(p, order.astype(np.int64)))
     (out / ".items.parquet.tmp").replace(out / "items.parquet")
     files = {"index": "index.faiss", "items": "items.parquet"}
     if params["rerank"]:
@@ -254,7 +254,7 @@ def index_from_shards(out_dir: str | Path, embedder_spec: dict, memory_budget: i
     else:
         (out / "vectors.f16.npy").unlink(missing_ok=True)
     atomic_write(out / "index.faiss", lambda p: faiss.write_index(index, str(p)))
-    meta = {"format": 3, "embedder": _portable_spec(embedder_spec, out), "count": n, "factory": params["factory"],
+    meta = {"format": 3, "embedder": portable_spec(embedder_spec, out), "count": n, "factory": params["factory"],
             "nprobe": params["nprobe"], "files": files,
             "scale": {**params, "shards": len(names), "skipped": sum(i["skipped"] for i in infos),
                       "memory_budget": memory_budget, "train_seconds": round(t1 - t0, 1),
@@ -269,10 +269,9 @@ def build_scaled(source: str, out_dir: str | Path, embedder: Embedder, captions:
                  on_shard: Callable[[dict], None] | None = None) -> "ScaledIndex":
     """Index ``source`` (a folder, tar / parquet files or a glob of them, local or an fsspec URL) into ``out_dir``:
     shards embedded resumably (on Ray with ``ray`` or ``ray_address``), then the index within ``memory_budget``."""
+    out, shards = Path(out_dir), list_shards(source, captions, shard_size)
     if embedder.dim == 0:
         raise ValueError("indexing at scale needs an embedder of fixed size: pass e.g. --embedder pixel:64")
-    out = Path(out_dir)
-    shards = list_shards(source, captions, shard_size)
     if not shards:
         raise ValueError(f"{source} holds no images")
     embed_shards(shards, embedder, out / "shards", batch_size, ray, ray_address, workers, on_shard)
