@@ -39,7 +39,7 @@ import torch
 
 from memfree.denoise import branch_eps, predict_x0
 from memfree.sampling import StepState
-from memfree.similarity import index_tuning, nearest, similarity_to
+from memfree.similarity import index_tuning, is_latent_index, nearest, similarity_to
 
 TERMS = ("spe", "dup", "sim")
 
@@ -169,7 +169,8 @@ class AMG:
         a = s.alpha_bar
         x_t, eps = s.x_t[rows], s.eps[rows].detach()
         x0 = predict_x0(x_t, eps, a)
-        sig, near = nearest(self.index, model.decode(x0, clamp=False), cfg.k, cfg.alpha)
+        view = (lambda z: z) if is_latent_index(self.index) else (lambda z: model.decode(z, clamp=False))
+        sig, near = nearest(self.index, view(x0), cfg.k, cfg.alpha)
         lam = cfg.gate(s.t, model.scheduler.config.num_train_timesteps)
         fire = torch.ones_like(sig, dtype=torch.bool) if cfg.always_on else sig > lam
         for r, j in enumerate(rows):
@@ -184,7 +185,7 @@ class AMG:
         if "sim" in cfg.terms and cfg.c3 > 0:  # dissimilarity: x̂0 steps c3 along −∇σ
             with torch.enable_grad():
                 x0f = x0[fired_rows].detach().requires_grad_(True)
-                sig_f = similarity_to(self.index, model.decode(x0f, clamp=False), near[fired_rows], cfg.alpha)
+                sig_f = similarity_to(self.index, view(x0f), near[fired_rows], cfg.alpha)
                 grad = torch.autograd.grad(sig_f.sum(), x0f)[0]
             if cfg.grid > 0:
                 coarse = torch.nn.functional.adaptive_avg_pool2d(grad, cfg.grid)

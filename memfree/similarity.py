@@ -187,3 +187,93 @@ class LatentScreen:
         screen.grid, screen.k, screen.alpha = int(meta["grid"]), int(meta["k"]), float(meta["alpha"])
         screen.vectors = vectors.float()
         return screen
+
+
+class _LatentPool:
+    """The "embedder" of a :class:`LatentIndex`: a latent (B, C, H, W) average-pooled to grid × grid, flattened.
+    Differentiable, and it reads latents, not images, so AMG hands it x̂0 without decoding."""
+
+    metric = "l2"
+    space = "latent"
+
+    def __init__(self, grid: int, dim: int):
+        self.grid, self.dim = int(grid), int(dim)
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(latents.float(), self.grid).flatten(1)
+
+
+class LatentIndex:
+    """An exact nL2 index over the training images' VAE latents, for AMG in latent space: x̂0 is compared with
+    them and steered away from the nearest without a decode, an embedder or a backward pass through either.
+    It has the parts of a :class:`memfree.index.TrainingIndex` that AMG uses (``embedder``, ``search``,
+    ``vectors``, ``ids``, ``captions``, ``path`` for ``tuning.json``), so AMG takes either."""
+
+    FILE = "latents.safetensors"
+
+    def __init__(self, latents: torch.Tensor, captions: list[str | None], ids: list[str] | None = None,
+                 grid: int = 8, path: str | Path | None = None):
+        """``latents``: (N, C, H, W) of the training images as the UNet sees them (times the scaling factor)."""
+        vectors = F.adaptive_avg_pool2d(latents.float(), grid).flatten(1)
+        if len(captions) != len(vectors):
+            raise ValueError(f"{len(captions)} captions for {len(vectors)} latents")
+        self.vectors_ = vectors.contiguous()
+        self.embedder = _LatentPool(grid, vectors.shape[1])
+        self.captions = list(captions)
+        self.ids = list(ids) if ids is not None else [str(i) for i in range(len(vectors))]
+        self.path = Path(path) if path is not None else None
+
+    def __len__(self) -> int:
+        return len(self.vectors_)
+
+    def search(self, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ℓ2 distances and positions of the k nearest stored latents, each (B, k), nearest first (exact)."""
+        q = vectors.detach().float().to(self.vectors_.device)
+        d = torch.cdist(q, self.vectors_, compute_mode="donot_use_mm_for_euclid_dist")
+        return d.topk(max(1, min(k, len(self))), dim=1, largest=False)
+
+    def vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.vectors_[idx.long()]
+
+    @classmethod
+    @torch.no_grad()
+    def from_images(cls, vae, images: torch.Tensor, captions: list[str | None], grid: int = 8,
+                    batch_size: int = 64, **kwargs) -> "LatentIndex":
+        """Encode training images (N, 3, H, W) in [0, 1] with ``vae``: posterior means × its scaling factor."""
+        parts = []
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(vae.device, vae.dtype) * 2 - 1
+            parts.append(vae.encode(x).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+        return cls(torch.cat(parts), captions, grid=grid, **kwargs)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the pooled latents (fp16) and the items to ``folder``, atomically per file."""
+        from safetensors.torch import save_file
+        from memfree.io import write_json
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (self.FILE + ".tmp")
+        save_file({"vectors": self.vectors_.half().contiguous()}, str(tmp), metadata={"grid": str(self.embedder.grid)})
+        tmp.replace(folder / self.FILE)
+        write_json(folder / "items.json", {"ids": self.ids, "captions": self.captions})
+        self.path = folder
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "LatentIndex":
+        from safetensors import safe_open
+        folder = Path(folder)
+        if not (folder / cls.FILE).is_file():
+            raise FileNotFoundError(f"{folder} holds no latent index ({cls.FILE})")
+        with safe_open(str(folder / cls.FILE), "pt") as f:
+            grid, vectors = int(f.metadata()["grid"]), f.get_tensor("vectors").float()
+        items = json.loads((folder / "items.json").read_text())
+        index = cls.__new__(cls)
+        index.vectors_, index.embedder = vectors, _LatentPool(grid, vectors.shape[1])
+        index.captions, index.ids, index.path = items["captions"], items["ids"], folder
+        return index
+
+
+def is_latent_index(index) -> bool:
+    """Whether ``index`` compares latents (x̂0 as is) rather than decoded images."""
+    return getattr(index.embedder, "space", "pixels") == "latent"

@@ -50,7 +50,7 @@ class AMGMitigation(Mitigation):
         index = self.index
         if index is None:
             index = default_index(request.model)
-        elif not isinstance(index, TrainingIndex):
+        elif isinstance(index, (str, Path)):
             index = TrainingIndex.load(index)
         cfg = config_for_index(self.preset, index, request.model.settings.threshold, **self.overrides)
         self.piece = AMG(index, cfg, first_scores=request.score_before, latent_screen=self.latent_screen)

@@ -155,3 +155,32 @@ def test_a_smoothed_dissimilarity_step_is_constant_over_each_cell(tiny_sd_path, 
     assert not torch.allclose(plain.flatten(2), plain.flatten(2)[..., :1].expand_as(plain.flatten(2)), atol=1e-6)
     with pytest.raises(ValueError, match="smooth"):
         config_for("amg", "l2", smooth=-1)
+
+
+def test_amg_over_a_latent_index_steers_away_without_decoding(tiny_sd_path, tmp_path):
+    from memfree.mitigate import build_mitigation, generate
+    from memfree.similarity import LatentIndex
+    model = memfree.load(tiny_sd_path).with_settings(num_inference_steps=6, guidance_scale=7.5)
+    prompt = "a red house by a lake"
+    own = sample(model, [prompt], 0, progress=False).images
+    noise = torch.rand((60, *own.shape[1:]), generator=torch.Generator().manual_seed(1))
+    index = LatentIndex.from_images(model.vae, torch.cat([own, noise]), [prompt] + [f"random {i}" for i in range(60)],
+                                    grid=4).save(tmp_path / "latent")
+    index = LatentIndex.load(index)
+    assert len(index) == 61 and index.embedder.dim == 4 * 4 * model.vae.config.latent_channels
+    assert index.captions[0] == prompt
+    decodes = []
+    real_decode = model.decode
+    model.decode = lambda x, clamp=True: decodes.append(clamp) or real_decode(x, clamp)
+    piece = AMG(index, AMGConfig(c3=50.0, always_on=True, check_every=1, terms=("sim",)))
+    out = sample(model, [prompt], 0, pieces=[piece], progress=False)
+    assert decodes == [True]                         # only the final image: the checks and the step stay in latent space
+    assert piece.summary(0)["fired_steps"]["sim"] == list(range(6))
+    with torch.no_grad():
+        def latent_sigma(images):
+            z = model.vae.encode(images * 2 - 1).latent_dist.mean * model.vae.config.scaling_factor
+            return nearest(index, z)[0].item()
+    assert latent_sigma(out.images) < latent_sigma(own) - 0.05
+    # the mitigation takes a loaded latent index as it takes a TrainingIndex
+    m = build_mitigation("amg", index=index, lam_lo=5.0, lam_hi=5.0)
+    assert torch.equal(generate(model, [prompt], m, seed=0, progress=False).images, own)

@@ -211,3 +211,42 @@ def test_the_cli_builds_from_webdataset_shards_and_reports_the_skipped_images(tm
     assert r.exit_code == 0, r.output
     assert "indexed 5 images (1 skipped: unreadable) from 1 shards" in r.output
     assert TrainingIndex.load(tmp_path / "idx").captions[4] == "caption of k4"
+
+
+def test_a_build_killed_by_sigkill_mid_way_resumes_and_ends_identical(tmp_path):
+    """A real process killed with SIGKILL (no handler, no cleanup) while it embeds the second shard."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    _, folder = _folder(tmp_path)
+    full = build_scaled(str(folder), tmp_path / "full", PixelEmbedder(8), shard_size=10)
+    script = (
+        "import sys, time\n"
+        "from memfree.index import PixelEmbedder\n"
+        "from memfree.index_scale import build_scaled\n"
+        "class Slow(PixelEmbedder):\n"
+        "    def __call__(self, images):\n"
+        "        time.sleep(0.5)\n"
+        "        return super().__call__(images)\n"
+        f"build_scaled({str(folder)!r}, {str(tmp_path / 'cut')!r}, Slow(8), shard_size=10, batch_size=2)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = tmp_path / "cut" / "shards" / "folder-000000.json"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)                                   # well inside the second shard (5 batches of 0.5 s each)
+    assert proc.poll() is None, "the build ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done = sorted(p.name for p in (tmp_path / "cut" / "shards").glob("folder-*.json"))
+    assert done == ["folder-000000.json"] and not (tmp_path / "cut" / "meta.json").exists()
+    seen = []
+    resumed = build_scaled(str(folder), tmp_path / "cut", PixelEmbedder(8), shard_size=10, on_shard=seen.append)
+    assert [s["shard"] for s in seen] == ["folder-000001", "folder-000002", "folder-000003"]
+    assert list(resumed.ids) == list(full.ids)
+    every = torch.arange(len(full))
+    assert torch.equal(resumed.vectors(every), full.vectors(every))
+    for name in ("index.faiss", "items.parquet", "ids.order.npy"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
