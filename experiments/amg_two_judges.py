@@ -12,7 +12,7 @@ from pathlib import Path
 from common import experiment_parser, open_testbed
 from memfree.index import PixelEmbedder, TrainingIndex, build_index
 from memfree.io import write_json
-from memfree.mitigate import Mitigation, build_mitigation, default_index, generate
+from memfree.mitigate import build_mitigation, default_index, generate
 from memfree.similarity import NL2_THRESHOLD
 
 parser = experiment_parser(__doc__)
@@ -33,29 +33,15 @@ if not (Path(args.pixel_index) / "meta.json").exists():
 pixel = TrainingIndex.load(args.pixel_index)
 
 
-class Composed(Mitigation):
-    """AMG over several indexes: one AMG piece per index, in one sampling loop (each sees the ε̂ the last left)."""
-
-    name = "amg"
-
-    def __init__(self, *indexes):
-        self.parts = [build_mitigation("amg", index=ix) for ix in indexes]
-
-    def pieces(self, request):
-        return [p for part in self.parts for p in part.pieces(request)]
-
-    def finish(self, request, out):
-        self.parts[-1].finish(request, out)
-
-
 def judged(images) -> dict:
     sim, _ = tb.copy_index.search(tb.copy_index.embedder(images), 1)
     return {"memorized_nl2": float((tb.index.search(images).nl2 < NL2_THRESHOLD).float().mean()),
             "memorized_detector": float((sim[:, 0] > tb.copy_threshold).float().mean())}
 
 
-guides = {"none": lambda: "none", "copy detector": lambda: Composed(cosine), "pixels": lambda: Composed(pixel),
-          "both": lambda: Composed(pixel, cosine)}
+guides = {"none": lambda: "none", "copy detector": lambda: build_mitigation("amg", index=cosine),
+          "pixels": lambda: build_mitigation("amg", index=pixel),
+          "both": lambda: build_mitigation("amg", index=[pixel, cosine])}   # one AMG piece per index, one loop
 rows = []
 for name in args.sets.split(","):
     prompts = [e["prompt"] for e in tb.eval_sets[name]][:args.limit]

@@ -216,8 +216,12 @@ class Guard:
             raise ValueError(f"unknown option(s) for mitigation {mitigation!r}: {', '.join(sorted(unknown))}; "
                              f"known: {', '.join(sorted(allowed)) or 'none'}")
         self.reports: list[MemorizationReport] = []   # the last call's, also when it returned a tuple
-        self.index = _open_index(index)
-        if mitigation == "amg" and self.index is None:
+        from memfree.mitigate.amg import index_list, open_index
+        self.indexes = [open_index(ix) for ix in index_list(index)] if index is not None else []
+        from memfree.similarity import is_latent_index
+        images_index = [ix for ix in self.indexes if not is_latent_index(ix)]
+        self.index = images_index[0] if images_index else None   # the index reports name the nearest item of
+        if mitigation == "amg" and not self.indexes:
             raise ValueError("amg needs an index of the images to steer away from: protect(pipe, 'amg', index=DIR)")
         if mitigation == "wen" and self.threshold is None and options.get("target") is None:
             raise ValueError("wen needs a threshold: run `memfree calibrate` on the model or pass threshold=")
@@ -298,7 +302,8 @@ class Guard:
             if nearest[i] is not None:
                 r.nearest_id, r.similarity = nearest[i].get("id"), nearest[i].get("similarity")
             if run.amg is not None:
-                r.amg = run.amg.summary(i)
+                from memfree.mitigate.amg import merged_summary
+                r.amg = merged_summary([piece.summary(i) for piece in run.amg])
             reports.append(r)
         return reports
 
@@ -451,12 +456,13 @@ class Guard:
         from memfree.guidance import AMG, config_for_index
         if run.amg is None:
             overrides = {k: v for k, v in self.options.items() if k not in ("preset", "latent_screen")}
-            cfg = config_for_index(self.options.get("preset", "amg"), self.index, self.threshold, **overrides)
+            preset = self.options.get("preset", "amg")
             screen = self.options.get("latent_screen")
             if isinstance(screen, (str, Path)):
                 from memfree.similarity import LatentScreen
                 screen = self.options["latent_screen"] = LatentScreen.load(screen)
-            run.amg = AMG(index=self.index, config=cfg, first_scores=run.first, latent_screen=screen)
+            run.amg = [AMG(index=ix, config=config_for_index(preset, ix, self.threshold, **overrides),
+                           first_scores=run.first, latent_screen=screen) for ix in self.indexes]
         view = self.view
         g = float(getattr(self.pipe, "guidance_scale", 1.0))
         xf = x.float()[half:]
@@ -469,7 +475,8 @@ class Guard:
                           eps=guided, alpha_bar=view.abar.to(xf.device), cond=embeds[half:].float(),
                           uncond=embeds[:half].float(), guidance_scale=g, indices=list(range(half)),
                           model=self.model)
-        run.amg(state)
+        for piece in run.amg:   # several indexes: each piece sees the ε̂ the last one left
+            piece(state)
         if state.eps is guided:
             return None
         delta = state.eps - guided
@@ -507,19 +514,13 @@ def _images_tensor(images) -> torch.Tensor | None:
     return None
 
 
-def _open_index(index):
-    if index is None or not isinstance(index, (str, Path)):
-        return index
-    from memfree.index import TrainingIndex
-    return TrainingIndex.load(index)
-
-
 def protect(pipe, mitigation: str | None = None, index=None, threshold: float | None = None,
             settings: ModelSettings | None = None, **options) -> Guard:
     """Put memfree into a diffusers pipeline: every call then reports ``out.memorization`` (one report per
     image) and, with ``mitigation="amg"`` or ``"wen"``, mitigates. ``guard.remove()`` takes it out again.
 
-    ``index``: a training-set index folder (memfree index build) or loaded index; AMG needs one.
+    ``index``: a training-set index folder (memfree index build) or loaded index, or a list of them (AMG then
+    steers away from each, one piece per index); AMG needs one.
     ``threshold``: the detection threshold, else the one ``memfree calibrate`` stored for the pipeline's folder.
     ``settings``: the model settings to use instead of the folder's (e.g. a calibrated ``detection`` timestep).
     ``options``: AMG's (``preset``, any AMGConfig field, and ``latent_screen``: a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,16 +23,50 @@ def default_index(model: Model) -> TrainingIndex:
     return TrainingIndex.load(path)
 
 
+def open_index(index):
+    """An index given as a folder (a TrainingIndex or a LatentIndex folder) opened; a loaded one as it is."""
+    if not isinstance(index, (str, Path)):
+        return index
+    from memfree.similarity import LatentIndex
+    if (Path(index) / LatentIndex.FILE).is_file():
+        return LatentIndex.load(index)
+    return TrainingIndex.load(index)
+
+
+def index_list(index) -> list:
+    """``index`` as a list: a list as it is, ``DIR1:DIR2`` (``os.pathsep``, as in $PATH) split, one index wrapped."""
+    if isinstance(index, str) and os.pathsep in index:
+        return index.split(os.pathsep)
+    return list(index) if isinstance(index, (list, tuple)) else [index]
+
+
+def merged_summary(summaries: list[dict]) -> dict:
+    """One image's AMG log over several indexes: a term fired at a step if it fired for any index."""
+    summary = dict(summaries[0])
+    if len(summaries) > 1:
+        summary["fired_steps"] = {t: sorted({s for m in summaries for s in m["fired_steps"][t]})
+                                  for t in summaries[0]["fired_steps"]}
+        summary["checked_steps"] = sum(m["checked_steps"] for m in summaries)
+        summary["per_index"] = summaries
+    return summary
+
+
 class AMGMitigation(Mitigation):
-    """AMG under ``preset`` (or an ablation name), searching ``index`` (a :class:`TrainingIndex` or its folder;
-    default: the one the model ships). Any :class:`memfree.guidance.AMGConfig` field overrides the preset.
+    """AMG under ``preset`` (or an ablation name), searching ``index`` (a :class:`TrainingIndex`, a
+    :class:`memfree.similarity.LatentIndex` or a folder; default: the one the model ships). A list of indexes
+    (on the command line, folders joined by ``os.pathsep``) composes one AMG piece per index in the same loop,
+    each with its own tuned gate: guided by two similarities, a generation must escape both
+    (docs/testbed-latent.md shows why one learned embedder alone can be fooled).
+    Any :class:`memfree.guidance.AMGConfig` field overrides the preset (for every index).
     ``latent_screen`` (a :class:`memfree.similarity.LatentScreen` or its file) starts each check in latent space."""
 
     name: ClassVar[str] = "amg"
 
-    def __init__(self, preset: str = "amg", index: TrainingIndex | str | Path | None = None,
+    def __init__(self, preset: str = "amg", index: Any = None,
                  latent_screen: Any = None, **overrides: Any):
         config_for(preset, "l2", 0.0, **overrides)   # fail on a bad name or option before any work
+        if isinstance(index, str) and os.pathsep in index:   # the CLI's list: DIR1:DIR2, as in $PATH
+            index = index_list(index)
         self.preset, self.index, self.overrides = preset, index, overrides
         if isinstance(latent_screen, (str, Path)):
             from memfree.similarity import LatentScreen
@@ -47,17 +82,16 @@ class AMGMitigation(Mitigation):
         return {"index": ("str | None", None), "latent_screen": ("str | None", None), **fields}
 
     def pieces(self, request: Request) -> list[Piece]:
-        index = self.index
-        if index is None:
-            index = default_index(request.model)
-        elif isinstance(index, (str, Path)):
-            index = TrainingIndex.load(index)
-        cfg = config_for_index(self.preset, index, request.model.settings.threshold, **self.overrides)
-        self.piece = AMG(index, cfg, first_scores=request.score_before, latent_screen=self.latent_screen)
-        return [self.piece]
+        self.parts = []
+        for index in index_list(self.index):
+            index = default_index(request.model) if index is None else open_index(index)
+            cfg = config_for_index(self.preset, index, request.model.settings.threshold, **self.overrides)
+            self.parts.append(AMG(index, cfg, first_scores=request.score_before, latent_screen=self.latent_screen))
+        self.piece = self.parts[0]
+        return list(self.parts)
 
     def finish(self, request: Request, out: SampleOutput) -> None:
         for i in range(len(request.prompts)):
-            summary = self.piece.summary(i)
+            summary = merged_summary([part.summary(i) for part in self.parts])
             request.applied[i] = any(summary["fired_steps"].values())
             request.extra[i]["amg"] = summary

@@ -184,3 +184,27 @@ def test_amg_over_a_latent_index_steers_away_without_decoding(tiny_sd_path, tmp_
     # the mitigation takes a loaded latent index as it takes a TrainingIndex
     m = build_mitigation("amg", index=index, lam_lo=5.0, lam_hi=5.0)
     assert torch.equal(generate(model, [prompt], m, seed=0, progress=False).images, own)
+
+
+def test_amg_over_two_indexes_runs_one_piece_per_index_with_its_own_gate(tiny_sd_path, tmp_path):
+    from memfree.mitigate import build_mitigation, generate
+    from memfree.similarity import LatentIndex, write_index_tuning
+    model = memfree.load(tiny_sd_path).with_settings(num_inference_steps=4, guidance_scale=7.5)
+    prompt = "a red house by a lake"
+    own, pixels = _plant(model, prompt, tmp_path, PixelEmbedder())
+    noise = torch.rand((20, *own.shape[1:]), generator=torch.Generator().manual_seed(3))
+    latent = LatentIndex.from_images(model.vae, torch.cat([own, noise]), [prompt] + ["x"] * 20, grid=4)
+    latent.save(tmp_path / "latent")
+    write_index_tuning(tmp_path / "latent", amg={"amg": {"lam_lo": 5.0, "lam_hi": 5.0}})   # this gate never opens
+    m = build_mitigation("amg", index=[pixels, LatentIndex.load(tmp_path / "latent")], check_every=1)
+    g = generate(model, [prompt], m, seed=0, progress=False)
+    amg = g.reports[0].extra["amg"]
+    assert len(amg["per_index"]) == 2
+    assert amg["per_index"][0]["fired_steps"]["sim"]            # the planted pixels: AMG fires ...
+    assert not any(amg["per_index"][1]["fired_steps"].values())  # ... the latent index's own gate stays shut
+    assert amg["fired_steps"] == amg["per_index"][0]["fired_steps"] and g.reports[0].applied
+    assert amg["checked_steps"] == 8
+    assert not torch.equal(g.images, own)
+    import os
+    listed = build_mitigation("amg", index=f"{tmp_path / 'index'}{os.pathsep}{tmp_path / 'latent'}")
+    assert listed.index == [str(tmp_path / "index"), str(tmp_path / "latent")]   # the CLI's DIR1:DIR2

@@ -301,3 +301,22 @@ def test_a_latent_screen_spares_clean_images_the_full_check_and_keeps_copies(tmp
         spared = _gen(pipe, steps=6)
     assert all(r.amg["checked_steps"] == 0 and r.amg["latent_checked_steps"] == len(r.scores) and not r.mitigated
                for r in spared.memorization)
+
+
+def test_amg_through_protect_over_two_indexes_steers_by_each_and_reports_each(tiny_sd_path, tmp_path):
+    from memfree.similarity import LatentIndex, write_index_tuning
+    pipe = _open(tiny_sd_path, "sd")
+    copy = _gen(pipe, steps=4).images
+    pixels = _plant(tmp_path, copy)
+    latent = LatentIndex.from_images(pipe.vae, torch.rand(8, 3, *copy.shape[1:3]), ["x"] * 8, grid=4)
+    latent.save(tmp_path / "latent")
+    write_index_tuning(tmp_path / "latent", amg={"amg": {"lam_lo": 5.0, "lam_hi": 5.0}})   # its gate stays shut
+    with protect(pipe, "amg", index=[tmp_path / "latent", pixels], c3=2000.0, always_on=False, check_every=1) as guard:
+        out = _gen(pipe, steps=4)
+    assert guard.index is pixels                       # reports name the nearest item of the image index
+    for r in out.memorization:
+        latent_log, pixel_log = r.amg["per_index"]
+        assert latent_log["checked_steps"] == pixel_log["checked_steps"] >= 4   # every UNet call (PNDM makes 5)
+        assert not any(latent_log["fired_steps"].values()) and pixel_log["fired_steps"]["sim"]
+        assert r.mitigated and r.amg["fired_steps"] == pixel_log["fired_steps"]
+        assert r.similarity < 0.95
