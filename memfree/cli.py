@@ -348,15 +348,18 @@ def index_group() -> None:
               help="Memory the index may take when searched (e.g. 4GB): sets IVF-PQ's lists and code size.")
 @click.option("--shard-size", default=10_000, show_default=True, type=click.IntRange(min=1),
               help="Images per shard of a folder (tar and parquet files are a shard each).")
+@click.option("--final-embedder", default=None, metavar="SPEC",
+              help="Two-stage search: --embedder finds candidates, this one (e.g. sscd:PATH) ranks them and gives "
+                   "the similarity. Builds at scale.")
 @quiet_option
 def index_build(images, captions, embedder, out, batch_size, factory, use_ray, ray_address, workers, memory_budget,
-                shard_size, quiet):
+                shard_size, final_embedder, quiet):
     """Embed training images and write a FAISS index with their ids and captions. Shards, parquet, Ray or a memory
     budget build an index at scale: resumable shard by shard, opened memory-mapped (docs/index-at-scale.md)."""
     from memfree.index import build_index, load_image_source, parse_embedder
     local = Path(images)
     plain = local.is_dir() and not any(p.suffix.lower() in (".tar", ".parquet") for p in local.iterdir())
-    if plain and not (use_ray or ray_address or memory_budget):
+    if plain and not (use_ray or ray_address or memory_budget or final_embedder):
         source, ids, caps = load_image_source(images, captions)
         idx = build_index(source, out, parse_embedder(embedder), ids=ids, captions=caps, batch_size=batch_size,
                           factory=factory, progress=not quiet)
@@ -374,7 +377,8 @@ def index_build(images, captions, embedder, out, batch_size, factory, use_ray, r
             click.echo(f"shard {info['shard']}: {info['rows']} images, {info['skipped']} skipped", err=True)
 
     idx = build_scaled(images, out, parse_embedder(embedder), captions, batch_size, shard_size,
-                       parse_size(memory_budget or "4GB"), factory, use_ray, ray_address, workers, on_shard)
+                       parse_size(memory_budget or "4GB"), factory, use_ray, ray_address, workers, on_shard,
+                       final_embedder=parse_embedder(final_embedder) if final_embedder else None)
     s = idx.meta["scale"]
     seconds = time.perf_counter() - t0
     click.echo(f"indexed {len(idx)} images ({s['skipped']} skipped: unreadable) from {s['shards']} shards, "

@@ -146,7 +146,8 @@ def portable_spec(spec: dict, index_dir: Path) -> dict:
     return spec
 
 
-def _resolved_spec(spec: dict, index_dir: Path) -> dict:
+def resolved_spec(spec: dict, index_dir: Path) -> dict:
+    """The stored spec with an embedder file recorded relative to the index made absolute again."""
     if "path" in spec and not Path(spec["path"]).is_absolute():
         return {**spec, "path": os.path.normpath(Path(index_dir).resolve() / spec["path"])}
     return spec
@@ -233,7 +234,7 @@ class TrainingIndex:
             raise ValueError(f"index at {path} is broken ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                              "rebuild it with `memfree index build`") from e
         if embedder is None:
-            embedder = embedder_from_spec(_resolved_spec(stored, path))
+            embedder = embedder_from_spec(resolved_spec(stored, path))
         elif isinstance(embedder, PixelEmbedder) and embedder.dim == 0 and stored["kind"] == "pixel":
             embedder.size, embedder.dim = stored.get("size"), stored["dim"]
         check_spec(stored, embedder.spec(), f"index at {path}")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from memfree.index import (EXACT_LIMIT, Embedder, IndexMismatchError, TrainingIndex, check_spec, embedder_from_spec,
-                           portable_spec, save_npy)
+                           portable_spec, resolved_spec, save_npy)
 from memfree.io import atomic_write, write_json
 from memfree.sources import Shard, decode_image, list_shards, read_shard
 
@@ -185,9 +185,11 @@ def _shard_names(shards_dir: Path) -> list[str]:
 
 
 def index_from_shards(out_dir: str | Path, embedder_spec: dict, memory_budget: int = 4 * 2**30,
-                      factory: str = "auto", names: Sequence[str] | None = None, seed: int = 0) -> dict:
+                      factory: str = "auto", names: Sequence[str] | None = None, seed: int = 0,
+                      final_spec: dict | None = None) -> dict:
     """Write the index of the embedded shards in ``out_dir/shards`` (``names``, default all, in sorted order) to
-    ``out_dir``, holding one shard's vectors at a time; returns meta.json's content."""
+    ``out_dir``, holding one shard's vectors at a time; returns meta.json's content. With ``final_spec``, the
+    second embedder's shards in ``out_dir/final-shards`` become ``final.f16.npy`` (two-stage search)."""
     import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -254,8 +256,11 @@ def index_from_shards(out_dir: str | Path, embedder_spec: dict, memory_budget: i
     else:
         (out / "vectors.f16.npy").unlink(missing_ok=True)
     atomic_write(out / "index.faiss", lambda p: faiss.write_index(index, str(p)))
+    if final_spec is not None:
+        files["final"] = _write_final(out, names, counts, final_spec)
     meta = {"format": 3, "embedder": portable_spec(embedder_spec, out), "count": n, "factory": params["factory"],
             "nprobe": params["nprobe"], "files": files,
+            **({"final_embedder": portable_spec(final_spec, out)} if final_spec is not None else {}),
             "scale": {**params, "shards": len(names), "skipped": sum(i["skipped"] for i in infos),
                       "memory_budget": memory_budget, "train_seconds": round(t1 - t0, 1),
                       "fill_seconds": round(time.perf_counter() - t1, 1)}}
@@ -266,16 +271,22 @@ def index_from_shards(out_dir: str | Path, embedder_spec: dict, memory_budget: i
 def build_scaled(source: str, out_dir: str | Path, embedder: Embedder, captions: str | None = None,
                  batch_size: int = 256, shard_size: int = 10_000, memory_budget: int = 4 * 2**30,
                  factory: str = "auto", ray: bool = False, ray_address: str | None = None, workers: int = 2,
-                 on_shard: Callable[[dict], None] | None = None) -> "ScaledIndex":
+                 on_shard: Callable[[dict], None] | None = None, final_embedder: Embedder | None = None
+                 ) -> "ScaledIndex":
     """Index ``source`` (a folder, tar / parquet files or a glob of them, local or an fsspec URL) into ``out_dir``:
-    shards embedded resumably (on Ray with ``ray`` or ``ray_address``), then the index within ``memory_budget``."""
+    shards embedded resumably (on Ray with ``ray`` or ``ray_address``), then the index within ``memory_budget``.
+    With ``final_embedder`` (e.g. a copy detector) the search is two-stage: ``embedder`` finds candidates, the
+    final embedder's stored vectors rank them and give the similarity (as AMG's authors used CLIP, then SSCD)."""
     out, shards = Path(out_dir), list_shards(source, captions, shard_size)
-    if embedder.dim == 0:
+    if embedder.dim == 0 or (final_embedder is not None and final_embedder.dim == 0):
         raise ValueError("indexing at scale needs an embedder of fixed size: pass e.g. --embedder pixel:64")
     if not shards:
         raise ValueError(f"{source} holds no images")
     embed_shards(shards, embedder, out / "shards", batch_size, ray, ray_address, workers, on_shard)
-    index_from_shards(out, embedder.spec(), memory_budget, factory, [s.name for s in shards])
+    if final_embedder is not None:
+        embed_shards(shards, final_embedder, out / "final-shards", batch_size, ray, ray_address, workers, on_shard)
+    index_from_shards(out, embedder.spec(), memory_budget, factory, [s.name for s in shards],
+                      final_spec=final_embedder.spec() if final_embedder is not None else None)
     return TrainingIndex.load(out, embedder)
 
 
@@ -312,6 +323,25 @@ class ItemColumn(Sequence):
     def __iter__(self):
         for g in range(self.file.num_row_groups):
             yield from self.file.read_row_group(g, columns=[self.name]).column(0).to_pylist()
+
+
+def _write_final(out: Path, names: Sequence[str], counts: Sequence[int], spec: dict) -> str:
+    """Concatenate the final embedder's shards, in the index's order, into ``final.f16.npy``; the same images
+    must have been kept (ids compared shard by shard)."""
+    import pyarrow.parquet as pq
+    shards, final, dim = out / "shards", out / "final-shards", int(spec["dim"])
+    with open(out / ".final.f16.npy.tmp", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": (sum(counts), dim)})
+        for s, c in zip(names, counts):
+            if not (final / f"{s}.json").exists():
+                raise ValueError(f"shard {s} has no final embedding in {final}")
+            v = np.load(final / f"{s}.npy")
+            same = pq.read_table(final / f"{s}.parquet").column("id").equals(pq.read_table(shards / f"{s}.parquet").column("id"))
+            if len(v) != c or not same:
+                raise ValueError(f"shard {s}: the two embedders kept different images; delete {final} and rebuild")
+            f.write(v.astype(np.float16).tobytes())
+    (out / ".final.f16.npy.tmp").replace(out / "final.f16.npy")
+    return "final.f16.npy"
 
 
 class ScaledIndex(TrainingIndex):
@@ -380,15 +410,90 @@ class ScaledIndex(TrainingIndex):
         return torch.from_numpy(out).float().reshape(*idx.shape, -1).to(idx.device)
 
 
-def open_scaled(path: Path, meta: dict, embedder: Embedder) -> ScaledIndex:
-    """Open a format-3 index (called by :meth:`TrainingIndex.load`), the FAISS index memory-mapped."""
+def open_scaled(path: Path, meta: dict, embedder: Embedder) -> "ScaledIndex | TwoStageIndex":
+    """Open a format-3 index (called by :meth:`TrainingIndex.load`), the FAISS index memory-mapped; a
+    :class:`TwoStageIndex` when it was built with a final embedder."""
     import faiss
     flag = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)   # zero-copy mmap of the lists (FAISS >= 1.10)
     index = faiss.read_index(str(path / meta["files"]["index"]), flag)
     if index.ntotal != int(meta["count"]):
         raise ValueError(f"index at {path} is inconsistent; rerun `memfree index build`")
-    return ScaledIndex(embedder, index, path, meta)
+    first = ScaledIndex(embedder, index, path, meta)
+    if "final_embedder" in meta:
+        return TwoStageIndex(first, embedder_from_spec(resolved_spec(meta["final_embedder"], path)))
+    return first
 
 
-__all__ = ["IndexMismatchError", "ScaledIndex", "build_scaled", "choose_params", "embed_shard", "embed_shards",
+class _TwoStageEmbedder:
+    """Both embeddings of an image side by side, [candidate | final]; compared by the final one's metric."""
+
+    def __init__(self, first: Embedder, final: Embedder):
+        self.first, self.final = first, final
+        self.metric, self.dim = final.metric, first.dim + final.dim
+
+    def spec(self) -> dict:
+        return {"kind": "two-stage", "first": self.first.spec(), "final": self.final.spec(), "dim": self.dim,
+                "metric": self.metric}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.first(images), self.final(images)], dim=1)
+
+    def first_part(self, embedding: torch.Tensor) -> torch.Tensor:
+        return embedding[:, :self.first.dim]
+
+    def final_part(self, embedding: torch.Tensor) -> torch.Tensor:
+        return embedding[:, self.first.dim:]
+
+
+class TwoStageIndex:
+    """Two-stage search over a format-3 index: its own embedder finds ``candidates`` per query (IVF-PQ, re-ranked
+    exactly when it can), then the final embedder's vectors (``final.f16.npy``, memory-mapped) rank them; the
+    distances or similarities returned are the final embedder's. ``embedder`` yields both embeddings of an image;
+    ids, captions and lookups by id are the first index's."""
+
+    candidates = 100
+
+    def __init__(self, first: ScaledIndex, final_embedder: Embedder):
+        self.first = first
+        self.embedder = _TwoStageEmbedder(first.embedder, final_embedder)
+        self.final = np.load(first.path / first.meta["files"]["final"], mmap_mode="r")
+        self.path, self.meta, self.ids, self.captions = first.path, first.meta, first.ids, first.captions
+        self.factory, self.nprobe = first.factory, first.nprobe
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def position(self, item_id: str) -> int | None:
+        return self.first.position(item_id)
+
+    def caption_of(self, item_id: str) -> str | None:
+        return self.first.caption_of(item_id)
+
+    def search(self, vectors: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best of the first stage's candidates by the final embedding: (scores, positions), each (B, k)."""
+        q = vectors.detach().float().cpu()
+        if q.ndim != 2 or q.shape[1] != self.embedder.dim:
+            raise ValueError(f"queries must be (B, {self.embedder.dim}): both embeddings, got {tuple(q.shape)}")
+        first, final = self.embedder.first_part(q), self.embedder.final_part(q)
+        _, cand = self.first.search(first, max(k, self.candidates))
+        cand = cand.cpu()
+        found = cand >= 0
+        x = self.vectors(cand.clamp(min=0))
+        if self.embedder.metric == "l2":
+            score = (final[:, None] - x).norm(dim=-1).masked_fill(~found, float("inf"))
+            d, order = score.topk(min(k, score.shape[1]), dim=1, largest=False)
+        else:
+            score = (x @ F.normalize(final, dim=1)[:, :, None])[..., 0].masked_fill(~found, float("-inf"))
+            d, order = score.topk(min(k, score.shape[1]), dim=1)
+        i = cand.gather(1, order).masked_fill(~torch.isfinite(d), -1)
+        return d.to(vectors.device), i.to(vectors.device)
+
+    def vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final embedder's stored vectors of the items at ``idx``."""
+        flat = idx.detach().cpu().reshape(-1).numpy()
+        out = np.asarray(self.final[flat], dtype=np.float32) if len(flat) else np.zeros((0, self.embedder.final.dim))
+        return torch.from_numpy(out).float().reshape(*idx.shape, -1).to(idx.device)
+
+
+__all__ = ["IndexMismatchError", "ScaledIndex", "TwoStageIndex", "build_scaled", "choose_params", "embed_shard", "embed_shards",
            "index_from_shards", "open_scaled", "parse_size"]

@@ -88,6 +88,8 @@ def similarity_to(index, images: torch.Tensor, ids: torch.Tensor, alpha: float =
     """The same σ, differentiable in ``images``, against neighbours already found (``ids`` from
     :func:`nearest`), recomputed from the index's stored vectors."""
     emb = index.embedder(images)
+    if hasattr(index.embedder, "final_part"):   # a two-stage index compares by its final embedding
+        emb = index.embedder.final_part(emb)
     near = index.vectors(ids).to(emb)                               # (B, k, D)
     if index.embedder.metric == "cosine":
         return torch.nn.functional.cosine_similarity(emb, near[:, 0], dim=1)

@@ -250,3 +250,41 @@ def test_a_build_killed_by_sigkill_mid_way_resumes_and_ends_identical(tmp_path):
     assert torch.equal(resumed.vectors(every), full.vectors(every))
     for name in ("index.faiss", "items.parquet", "ids.order.npy"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+
+
+def test_two_stage_search_ranks_the_candidates_by_the_final_embedder(tmp_path):
+    from memfree.index_scale import TwoStageIndex
+    from memfree.similarity import nearest, similarity_to
+    imgs, folder = _folder(tmp_path)
+    idx = build_scaled(str(folder), tmp_path / "two", PixelEmbedder(2), shard_size=10, final_embedder=PixelEmbedder(8))
+    assert isinstance(idx, TwoStageIndex) and idx.embedder.dim == 2 * 2 * 3 + 8 * 8 * 3
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    order = [int(str(i).split(".")[0]) for i in idx.ids]   # positions -> image numbers (000.png ...)
+    final = PixelEmbedder(8)(x[order])
+    assert torch.allclose(idx.vectors(torch.arange(len(idx))), final, atol=1e-2)   # stored in fp16, in index order
+    q = x[[3, 17, 29]] * 0.9 + 0.05
+    exact = torch.cdist(PixelEmbedder(8)(q), final).topk(5, largest=False)
+    d, i = idx.search(idx.embedder(q), 5)          # 40 images < 100 candidates: every image is ranked
+    assert torch.equal(i, exact.indices) and torch.allclose(d, exact.values, atol=0.05)
+    assert [order[int(j)] for j in i[:, 0]] == [3, 17, 29]
+    idx.candidates = 1                              # with one candidate the first stage alone decides
+    first = TrainingIndex.load(tmp_path / "two").first.search(PixelEmbedder(2)(q), 1)[1]
+    assert torch.equal(idx.search(idx.embedder(q), 1)[1], first)
+    idx.candidates = 100
+    sig, near = nearest(idx, q, k=5)               # AMG's check and step work on it, by the final embedding
+    again = similarity_to(idx, q.requires_grad_(True), near)
+    assert torch.allclose(sig, again.detach(), atol=1e-3)
+    again.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+def test_index_build_cli_with_a_final_embedder_builds_a_two_stage_index(tmp_path):
+    from click.testing import CliRunner
+    from memfree.cli import cli
+    from memfree.index_scale import TwoStageIndex
+    _, folder = _folder(tmp_path)
+    r = CliRunner().invoke(cli, ["index", "build", "--images", str(folder), "--embedder", "pixel:2",
+                                  "--final-embedder", "pixel:8", "--out", str(tmp_path / "cli"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    idx = TrainingIndex.load(tmp_path / "cli")
+    assert isinstance(idx, TwoStageIndex) and idx.meta["final_embedder"]["dim"] == 192
