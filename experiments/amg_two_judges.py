@@ -19,6 +19,9 @@ parser = experiment_parser(__doc__)
 parser.add_argument("--sets", default="verbatim,caption_dup,heldout")
 parser.add_argument("--limit", type=int, default=20)
 parser.add_argument("--pixel-index", default="runs/latent/pixel-index", help="where the pixel index is (built if absent)")
+parser.add_argument("--pixel-size", type=int, default=32, help="thumbnail side of the pixel index (default: 32)")
+parser.add_argument("--pixel-factory", default="flat", help="FAISS index type of the pixel index (flat or sq8)")
+parser.add_argument("--guides", default="none,copy detector,pixels,both")
 parser.add_argument("--out", required=True, metavar="JSON")
 args = parser.parse_args()
 
@@ -28,7 +31,7 @@ if not (Path(args.pixel_index) / "meta.json").exists():
     caption = {}
     for t in tb.manifest["train"]:
         caption.setdefault(t["image"], t["caption"])
-    build_index(tb.images, args.pixel_index, PixelEmbedder(size=32),
+    build_index(tb.images, args.pixel_index, PixelEmbedder(size=args.pixel_size), factory=args.pixel_factory,
                 captions=[caption.get(i) for i in range(len(tb.images))], progress=False)
 pixel = TrainingIndex.load(args.pixel_index)
 
@@ -45,10 +48,12 @@ guides = {"none": lambda: "none", "copy detector": lambda: build_mitigation("amg
 rows = []
 for name in args.sets.split(","):
     prompts = [e["prompt"] for e in tb.eval_sets[name]][:args.limit]
-    for guide, make in guides.items():
+    for guide in args.guides.split(","):
+        make = guides[guide]
         g = generate(model, prompts, make(), seed=0, progress=False)
         rows.append({"prompt_set": name, "guided_by": guide, "prompts": len(prompts), **judged(g.images),
                      "seconds_per_image": round(g.seconds / len(prompts), 3)})
         print(rows[-1], flush=True)
-write_json(args.out, {"model": model.label, "note": "seconds are on a shared 2-core CPU, for comparison within a set",
+write_json(args.out, {"model": model.label, "pixel_index": {"size": args.pixel_size, "factory": args.pixel_factory},
+                      "note": "seconds are on a shared 2-core CPU, for comparison within a set",
                       "rows": rows})
