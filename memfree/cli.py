@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -187,9 +188,14 @@ def generate(prompts, prompts_file, model_path, mitigation, opts, index_dir, see
     from memfree.index import TrainingIndex
     from memfree.io import write_json
     from memfree.mitigate import default_index, generate as run, method_options
+    from memfree.pipelines import pipeline_family
     from memfree.similarity import nearest_training
     prompts = read_prompts(prompts, prompts_file)
     options = parse_options(mitigation, opts)
+    if pipeline_family(model_path):   # SDXL and SD3 folders: their own pipeline under memfree.protect
+        _generate_on_pipeline(model_path, prompts, mitigation, options, index_dir, seed, steps, guidance, scheduler,
+                              out, as_json, quiet)
+        return
     model = load_model(model_path, scheduler, steps, guidance)
     index = TrainingIndex.load(index_dir) if index_dir is not None else None
     if index is None and model.path is not None and (model.path / "index" / "meta.json").exists():
@@ -221,6 +227,47 @@ def generate(prompts, prompts_file, model_path, mitigation, opts, index_dir, see
             did = "  (amg: " + (", ".join(f"{k} at {len(v)} steps from {v[0]}" for k, v in fired.items())
                                 if fired else "not triggered") + ")"
         click.echo(f"{r['image']}  score {r['score_before']:.3f} -> {r['score_after']:.3f}{did}{near}  {r['prompt']}")
+
+
+def _generate_on_pipeline(model_path, prompts, mitigation, options, index_dir, seed, steps, guidance, scheduler, out,
+                          as_json, quiet) -> None:
+    from dataclasses import asdict
+    from memfree.io import write_json
+    from memfree.model import resolve_model
+    from memfree.pipelines import PIPELINE_METHODS, open_pipeline, pipeline_generate
+    if mitigation not in PIPELINE_METHODS:
+        raise click.UsageError(f"on SDXL and SD3 folders --mitigation is one of {', '.join(PIPELINE_METHODS)} "
+                               f"(run through memfree.protect on the folder's own pipeline)")
+    if scheduler != "ddim":
+        raise click.UsageError("SDXL and SD3 folders sample with the scheduler they ship: leave out --scheduler")
+    if mitigation.startswith("amg") and index_dir is None and "index" not in options:
+        raise click.UsageError("AMG needs an index of the images to steer away from: --index DIR")
+    path, _ = resolve_model(model_path)
+    out_dir = writable_folder(out, "--out")
+    pipe = open_pipeline(path)
+    options = {"index": index_dir, **options}
+    t0 = time.perf_counter()
+    results = pipeline_generate(pipe, prompts, mitigation, seed=seed, num_inference_steps=steps,
+                                guidance_scale=guidance, progress=not quiet, **options)
+    seconds = time.perf_counter() - t0
+    settings = {"model": str(path), "steps": steps, "guidance": guidance,
+                "options": {k: v for k, v in options.items() if k != "index"}}
+    rows = []
+    for i, (prompt, (image, report)) in enumerate(zip(prompts, results)):
+        stem = _image_stem(prompt, seed + i, mitigation, settings)
+        image.save(out_dir / f"{stem}.png")
+        row = {"image": str(out_dir / f"{stem}.png"), "prompt": prompt, "seed": seed + i, "method": mitigation,
+               **asdict(report), "settings": settings}
+        write_json(out_dir / f"{stem}.json", row)
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps({"mitigation": mitigation, "seconds": round(seconds, 3), "images": rows}, indent=2))
+        return
+    for r in rows:
+        verdict = "" if r["flagged"] is None else ("  FLAGGED" if r["flagged"] else "  ok")
+        near = "" if r["nearest_id"] is None else f"  nearest #{r['nearest_id']} σ {r['similarity']:.2f}"
+        did = "  (mitigated)" if r["mitigated"] else ""
+        click.echo(f"{r['image']}  score {r['score']:.3f}{verdict}{did}{near}  {r['prompt']}")
 
 
 @cli.command()
@@ -294,7 +341,14 @@ def detect(prompts, prompts_file, column, model_path, steps, generations, seed, 
 def explain(prompt, model_path, steps, generations, seed, method, as_json):
     """Per-word significance for memorization; the terminal colours words by significance."""
     from memfree.explain import explain as run
-    res = run(load_model(model_path), prompt, steps=steps, generations=generations, seed=seed, method=method)
+    from memfree.pipelines import open_pipeline, pipeline_explain, pipeline_family
+    if pipeline_family(model_path):   # SDXL and SD3 folders: occlusion, scored on their own pipeline
+        if method != "occlusion" or steps != 1:
+            raise click.UsageError("SDXL and SD3 folders are explained by occlusion at the first step only")
+        from memfree.model import resolve_model
+        res = pipeline_explain(open_pipeline(resolve_model(model_path)[0]), prompt, generations, seed)
+    else:
+        res = run(load_model(model_path), prompt, steps=steps, generations=generations, seed=seed, method=method)
     if as_json:
         click.echo(json.dumps(res.to_dict(), indent=2))
         return
@@ -319,7 +373,14 @@ def calibrate(prompts_file, column, model_path, fpr, steps, generations, quiet):
     """Set the detection threshold from ordinary prompts and store it with the model (the output says where:
     the model folder, or a user file when the folder is read-only or the model was opened by name)."""
     from memfree.detect import calibrate as run
+    from memfree.pipelines import pipeline_calibrate, pipeline_family
     prompts = read_prompts((), prompts_file, column)
+    if pipeline_family(model_path):   # SDXL and SD3 folders: scored on their own pipeline, as protect scores
+        if steps != 1:
+            raise click.UsageError("SDXL and SD3 folders are calibrated at the first step only (--steps 1)")
+        from memfree.model import resolve_model
+        click.echo(json.dumps(pipeline_calibrate(resolve_model(model_path)[0], prompts, fpr, generations), indent=2))
+        return
     entry = run(load_model(model_path), prompts, fpr=fpr, steps=steps, generations=generations, progress=not quiet)
     click.echo(json.dumps(entry, indent=2))
 

@@ -75,6 +75,36 @@ def word_spans(prompt: str) -> list[tuple[int, int]]:
 METHODS = ("gradient", "occlusion")
 
 
+def _words_and_tokens(prompt: str, tokenizer) -> tuple[list[str], list[str], list[int | None]]:
+    """The prompt's words, its tokens (start, end and padding dropped) and the word each token belongs to."""
+    enc = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length, return_offsets_mapping=True)
+    n_tok = len(enc.input_ids) - 2
+    offsets = enc["offset_mapping"][1 : 1 + n_tok]
+    tokens = tokenizer.convert_ids_to_tokens(enc.input_ids[1 : 1 + n_tok])
+    spans = word_spans(prompt)
+    owner = [next((i for i, (a, b) in enumerate(spans) if a <= start < b), None) for start, _ in offsets]
+    return [prompt[a:b] for a, b in spans], tokens, owner
+
+
+def explain_by_occlusion(prompt: str, tokenizer, scores) -> Explanation:
+    """Occlusion with any scorer: ``scores(prompts)`` gives the detection score of each prompt (memfree's loop,
+    or a diffusers pipeline under :func:`memfree.protect`); ``tokenizer`` (a fast CLIP tokenizer) maps words
+    to tokens."""
+    words, tokens, owner = _words_and_tokens(prompt, tokenizer)
+    s = scores([prompt] + [without_words(prompt, [i]) for i in range(len(words))])
+    word_sig = [float(s[0] - v) for v in s[1:]]
+    per_word = [owner.count(i) for i in range(len(words))]
+    tok_sig = [word_sig[i] / max(per_word[i], 1) if i is not None else 0.0 for i in owner]
+    first = max(range(len(words)), key=lambda i: word_sig[i])
+    others = [i for i in range(len(words)) if i != first]
+    leading = [first]
+    if others:
+        s2 = scores([without_words(prompt, [first, i]) for i in others])
+        leading.append(others[int(np.argmin(s2))])
+    return Explanation(prompt=prompt, words=words, significance=word_sig, tokens=tokens,
+                       token_significance=tok_sig, score=float(s[0]), method="occlusion", leading=leading)
+
+
 def explain(model: Model, prompt: str, steps: int = 1, generations: int = 1, seed: int = 0,
             method: str = "occlusion", progress: bool = False) -> Explanation:
     """Per-word significance of ``prompt`` for the memorization score, by ``gradient`` or ``occlusion``."""
@@ -82,29 +112,12 @@ def explain(model: Model, prompt: str, steps: int = 1, generations: int = 1, see
         raise ValueError("empty prompt given")
     if method not in METHODS:
         raise ValueError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
-    enc = model.tokenizer(prompt, truncation=True, max_length=model.tokenizer.model_max_length,
-                          return_offsets_mapping=True)
-    n_tok = len(enc.input_ids) - 2                    # drop start and end tokens
-    offsets = enc["offset_mapping"][1 : 1 + n_tok]
-    tokens = model.tokenizer.convert_ids_to_tokens(enc.input_ids[1 : 1 + n_tok])
-    spans = word_spans(prompt)
-    words = [prompt[a:b] for a, b in spans]
-    owner = [next((i for i, (a, b) in enumerate(spans) if a <= start < b), None) for start, _ in offsets]
     if method == "occlusion":
         def scores(variants: list[str]) -> np.ndarray:
             return trajectory_scores(model, variants, steps, generations, seed, 64, progress).mean((1, 2))
-        s = scores([prompt] + [without_words(prompt, [i]) for i in range(len(words))])
-        word_sig = [float(s[0] - v) for v in s[1:]]
-        per_word = [owner.count(i) for i in range(len(words))]
-        tok_sig = [word_sig[i] / max(per_word[i], 1) if i is not None else 0.0 for i in owner]
-        first = max(range(len(words)), key=lambda i: word_sig[i])
-        others = [i for i in range(len(words)) if i != first]
-        leading = [first]
-        if others:
-            s2 = scores([without_words(prompt, [first, i]) for i in others])
-            leading.append(others[int(np.argmin(s2))])
-        return Explanation(prompt=prompt, words=words, significance=word_sig, tokens=tokens,
-                           token_significance=tok_sig, score=float(s[0]), method=method, leading=leading)
+        return explain_by_occlusion(prompt, model.tokenizer, scores)
+    words, tokens, owner = _words_and_tokens(prompt, model.tokenizer)
+    n_tok = len(tokens)
     probe = TokenGradients(steps)
     out = sample(model, [prompt] * generations, [seed + g for g in range(generations)], pieces=[probe],
                  max_steps=steps, progress=progress)

@@ -73,3 +73,81 @@ def test_generate_passes_wens_target_and_iteration_cap(tmp_path, tiny_sd_path):
     assert r.exit_code == 1 and "max_iters must be at least 0" in r.output
     r = runner.invoke(cli, args + ["--opt", "max_iter=2"])
     assert r.exit_code == 2 and "max_iters" in r.output
+
+
+def test_generate_on_sdxl_and_sd3_folders_runs_their_own_pipeline_under_protect(tmp_path, tiny_sdxl_path, tiny_sd3_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from memfree.index import PixelEmbedder, build_index
+    from memfree.pipelines import open_pipeline
+    from memfree.protect import protect
+    prompt = "a red circle on a blue background"
+    runner = CliRunner()
+    for path in (tiny_sdxl_path, tiny_sd3_path):
+        r = runner.invoke(cli, ["generate", "--model", str(path), prompt, "--steps", "2", "--seed", "3",
+                                "--out", str(tmp_path / "plain"), "--json", "--quiet"])
+        assert r.exit_code == 0, r.output
+        row = json.loads(r.output)["images"][0]
+        pipe = open_pipeline(path)
+        with protect(pipe):
+            ref = pipe(prompt, num_inference_steps=2, generator=torch.Generator().manual_seed(3))
+        assert row["score"] == pytest.approx(ref.memorization[0].score, rel=1e-6)
+        assert np.array_equal(np.asarray(Image.open(row["image"])), np.asarray(ref.images[0]))   # as the user's call
+        assert row["mitigated"] is False and row["seed"] == 3
+    # AMG against an index that holds the plain image: it steers away, and says so
+    copy = np.asarray(Image.open(row["image"]))[None]
+    noise = (np.random.default_rng(1).uniform(size=(30, *copy.shape[1:])) * 255).astype(np.uint8)
+    build_index(np.concatenate([copy, noise]), tmp_path / "index", PixelEmbedder(),
+                captions=[prompt] + ["noise"] * 30, progress=False)
+    r = runner.invoke(cli, ["generate", "--model", str(tiny_sd3_path), prompt, "--steps", "2", "--seed", "3",
+                            "--mitigation", "amg", "--index", str(tmp_path / "index"), "--opt", "c3=2000",
+                            "--opt", "always_on=true", "--opt", "check_every=1", "--opt", "grid=0",
+                            "--out", str(tmp_path / "amg"), "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    amg = json.loads(r.output)["images"][0]
+    assert amg["mitigated"] and amg["amg"]["fired_steps"]["sim"] and amg["similarity"] < 0.95
+    r = runner.invoke(cli, ["generate", "--model", str(tiny_sdxl_path), prompt, "--mitigation", "rta",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "none, wen, amg, amg-strong" in r.output
+    r = runner.invoke(cli, ["generate", "--model", str(tiny_sdxl_path), prompt, "--mitigation", "amg",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--index" in r.output
+
+
+def test_calibrate_an_sdxl_folder_and_protect_finds_its_threshold(tmp_path, tiny_sdxl_path):
+    import shutil
+    from memfree.detect import min_negatives
+    from memfree.pipelines import open_pipeline, pipeline_detect
+    from memfree.protect import protect
+    folder = shutil.copytree(tiny_sdxl_path, tmp_path / "sdxl")
+    prompts = [f"an ordinary picture number {i} of a {c} thing" for i, c in
+               zip(range(min_negatives(0.01)), ["red", "blue", "green", "small", "large"] * 100)]
+    (tmp_path / "ordinary.txt").write_text("\n".join(prompts))
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(folder), "--prompts", str(tmp_path / "ordinary.txt"),
+                                 "--quiet"])
+    assert r.exit_code == 0, r.output
+    entry = json.loads(r.output)
+    scores = sorted(d.score for d in pipeline_detect(open_pipeline(folder), prompts))
+    assert scores[-2] <= entry["threshold"] <= scores[-1]           # 1% of 100 ordinary prompts above it
+    assert Path(entry["saved_to"]).is_file()
+    with protect(open_pipeline(folder)) as guard:
+        assert guard.threshold == pytest.approx(entry["threshold"])
+    r = CliRunner().invoke(cli, ["calibrate", "--model", str(folder), "--prompts", str(tmp_path / "ordinary.txt"),
+                                 "--steps", "2"])
+    assert r.exit_code == 2
+
+
+def test_explain_an_sd3_folder_by_occlusion_on_its_own_pipeline(tiny_sd3_path):
+    from memfree.pipelines import open_pipeline, pipeline_detect
+    prompt = "a red circle on a blue background"
+    r = CliRunner().invoke(cli, ["explain", "--model", str(tiny_sd3_path), prompt, "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert [w["word"] for w in res["words"]] == prompt.split() and res["method"] == "occlusion"
+    pipe = open_pipeline(tiny_sd3_path)
+    full, without_circle = (d.score for d in pipeline_detect(pipe, [prompt, "a red on a blue background"]))
+    assert res["score"] == pytest.approx(full, rel=1e-6)
+    assert res["words"][2]["significance"] == pytest.approx(full - without_circle, rel=1e-5, abs=1e-7)
+    r = CliRunner().invoke(cli, ["explain", "--model", str(tiny_sd3_path), prompt, "--method", "gradient"])
+    assert r.exit_code == 2
