@@ -27,7 +27,9 @@ Beyond the paper, two ways to make ordinary prompts pay next to nothing:
   (σ above ``watch``, or the gate has fired). This is the default;
 * a screen: the free first-step detection score ‖ε_c − ε_u‖ decides whether an image is checked at
   all; images scored under ``screen`` never pay for a search. It misses whatever copies the detector
-  misses (docs/methods.md gives the measured share), so it is an option, not the default.
+  misses (docs/methods.md gives the measured share), so it is an option, not the default. With a
+  latent screen as well, either signal is enough: an image the score does not flag is still checked
+  whenever its x̂0 comes close to a training latent.
 """
 from __future__ import annotations
 
@@ -150,7 +152,9 @@ class AMG:
 
     def _due(self, step: int, i: int) -> bool:
         e = self.log[i]
-        return not e["screened_out"] and (e["watch"] or step % self.config.check_every == 0)
+        if e["screened_out"] and self.latent_screen is None:
+            return False
+        return e["watch"] or step % self.config.check_every == 0
 
     def __call__(self, s: StepState) -> None:
         cfg, model = self.config, s.model
@@ -163,7 +167,10 @@ class AMG:
             lat = self.latent_screen.similarity(predict_x0(s.x_t[rows], s.eps[rows].detach(), s.alpha_bar))
             for j in rows:
                 self.log[s.indices[j]]["latent_checked"] += 1
-            rows = [j for r, j in enumerate(rows) if self.log[s.indices[j]]["watch"] or lat[r] > cfg.latent_bar]
+            # with both screens either signal is enough: images the first-step score flags skip the latent filter
+            flagged = cfg.screen is not None
+            rows = [j for r, j in enumerate(rows) if self.log[s.indices[j]]["watch"] or lat[r] > cfg.latent_bar
+                    or (flagged and not self.log[s.indices[j]]["screened_out"])]
         if not rows:
             return
         a = s.alpha_bar

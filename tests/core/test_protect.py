@@ -301,6 +301,18 @@ def test_a_latent_screen_spares_clean_images_the_full_check_and_keeps_copies(tmp
         spared = _gen(pipe, steps=6)
     assert all(r.amg["checked_steps"] == 0 and r.amg["latent_checked_steps"] == len(r.scores) and not r.mitigated
                for r in spared.memorization)
+    # both screens: either signal is enough for the full check
+    with protect(pipe, "amg", index=index, latent_screen=far, latent_bar=0.3, screen=0.0, **options):
+        flagged = _gen(pipe, steps=6)          # the score flags every image: checked although no latent is near
+    assert all(r.amg["checked_steps"] == len(r.scores) and r.mitigated for r in flagged.memorization)
+    with protect(pipe, "amg", index=index, latent_screen=screen, latent_bar=0.3, screen=1e9, **options):
+        near = _gen(pipe, steps=6)             # the score flags none, the latents are near: still checked
+    assert np.array_equal(near.images, full.images)
+    assert all(r.amg["screened_out"] and r.amg["fired_steps"] == a.amg["fired_steps"]
+               for a, r in zip(full.memorization, near.memorization))
+    with protect(pipe, "amg", index=index, latent_screen=far, latent_bar=0.3, screen=1e9, **options):
+        neither = _gen(pipe, steps=6)
+    assert all(r.amg["checked_steps"] == 0 and not r.mitigated for r in neither.memorization)
 
 
 def test_amg_through_protect_over_two_indexes_steers_by_each_and_reports_each(tiny_sd_path, tmp_path):
