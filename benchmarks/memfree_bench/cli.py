@@ -130,9 +130,11 @@ def bench_detect(model_path, json_out, plot, negatives, quiet):
               help="Random 512-d vectors in the index AMG searches.")
 @click.option("--cache", default="memfree-out/bench-cost-cache", show_default=True, metavar="DIR",
               help="Where the tokenizer, the TorchScript embedder and the index are kept between runs.")
+@click.option("--methods", default=None, metavar="LIST",
+              help="Comma-separated subset of none, detect, wen, amg-clean, amg-fired, amg-screened (default: all).")
 @click.option("--json", "json_out", default=None, metavar="OUT")
 @quiet_option
-def bench_cost(archs, resolution, steps, repeats, vectors, cache, json_out, quiet):
+def bench_cost(archs, resolution, steps, repeats, vectors, cache, methods, json_out, quiet):
     """What protection costs at the real size: seconds per image and peak memory of none, detect, wen,
     amg-clean and amg-fired in one interleaved run (ratios to none), and the cost of each component.
     CPU by default; CUDA in fp16 when it is there."""
@@ -143,7 +145,12 @@ def bench_cost(archs, resolution, steps, repeats, vectors, cache, json_out, quie
         raise click.UsageError(f"--arch: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(ARCHS)}")
     if resolution is not None and resolution % 64:
         raise click.UsageError(f"--resolution must be a multiple of 64, got {resolution}")
-    res = run_cost(names, resolution, steps, repeats, vectors, cache, progress=not quiet)
+    from memfree_bench.cost import METHODS
+    chosen = METHODS if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise click.UsageError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(METHODS)}")
+    res = run_cost(names, resolution, steps, repeats, vectors, cache, progress=not quiet, methods=chosen)
     if json_out:
         write_json(json_out, res)
     click.echo(format_table(res))

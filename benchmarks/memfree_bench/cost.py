@@ -19,7 +19,10 @@ Methods, each a call of the user's own pipeline:
   (above 1): what an ordinary prompt pays, the checks of the cadence (every ``check_every``-th step, 4) and the
   nearest-neighbour report at the end;
 * ``amg-fired``: the gate always fires (``always_on=True``): after the first check every step is checked and
-  guided with the three terms of the cosine preset (the caption-deduplication branch included).
+  guided with the three terms of the cosine preset (the caption-deduplication branch included);
+* ``amg-screened``: ``amg-clean`` behind both screens, as an ordinary prompt meets them: the first-step score
+  under its threshold and x̂0 never near any of ``SCREEN_LATENTS`` training latents (a
+  :class:`memfree.similarity.LatentScreen`, pooled to 8×8), so each call pays the latent comparison only.
 
 All methods are timed in one run, round-robin, the order reversed every round, so a slow spell of a busy
 machine falls on all of them; a method's ratio is its time over ``none``'s in the same round, median over
@@ -44,7 +47,8 @@ import torch.nn.functional as F
 
 ARCHS = ("tiny", "sd15", "sd21", "sdxl", "sd3")
 NATIVE_RESOLUTION = {"tiny": 64, "sd15": 512, "sd21": 768, "sdxl": 1024, "sd3": 1024}
-METHODS = ("none", "detect", "wen", "amg-clean", "amg-fired")
+METHODS = ("none", "detect", "wen", "amg-clean", "amg-fired", "amg-screened")
+SCREEN_LATENTS = 100_000   # training latents of the latent screen (random, far from anything the pipeline makes)
 PROMPT = "a photograph of an astronaut riding a horse on a beach at sunset"
 WEN_MAX_ITERS = 2
 NEVER = 1.01   # above any cosine: a gate / watch level that an ordinary prompt's similarity never reaches
@@ -451,7 +455,24 @@ def _guard(pipe, method: str, index, settings):
         return memfree.protect(pipe, "amg", index=index, settings=settings, lam_lo=NEVER, lam_hi=NEVER, watch=NEVER)
     if method == "amg-fired":
         return memfree.protect(pipe, "amg", index=index, settings=settings, always_on=True)
+    if method == "amg-screened":
+        return memfree.protect(pipe, "amg", index=index, settings=settings, lam_lo=NEVER, lam_hi=NEVER, watch=NEVER,
+                               screen=float("inf"), latent_screen=_far_latent_screen(pipe), latent_bar=0.3)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+_SCREENS: dict = {}
+
+
+def _far_latent_screen(pipe):
+    """A latent screen of SCREEN_LATENTS random latents of the pipeline's channel count, all far from anything it
+    generates (so no image passes the bar); built once per channel count."""
+    from memfree.similarity import LatentScreen
+    channels = pipe.vae.config.latent_channels
+    if channels not in _SCREENS:
+        g = torch.Generator().manual_seed(0)
+        _SCREENS[channels] = LatentScreen(torch.randn(SCREEN_LATENTS, channels, 8, 8, generator=g) + 50.0, grid=8)
+    return _SCREENS[channels]
 
 
 class _Counter:

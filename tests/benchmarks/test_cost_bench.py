@@ -25,11 +25,19 @@ def test_cost_bench_tiny(tmp_path):
     # the clean gate never fires and checks on the cadence only; the fired one checks every call after the first
     assert rows["amg-clean"]["mitigated"] is False and rows["amg-clean"]["checked_steps"] == 2   # PNDM: 5 calls
     assert rows["amg-fired"]["mitigated"] is True and rows["amg-fired"]["checked_steps"] == 5
+    # behind both screens an ordinary prompt is never checked, only compared with the training latents
+    assert rows["amg-screened"]["checked_steps"] == 0 and rows["amg-screened"]["mitigated"] is False
+    assert rows["amg-screened"]["decoder_passes"] == rows["none"]["decoder_passes"]
     assert rows["wen"]["denoiser_calls"] > rows["none"]["denoiser_calls"] == rows["detect"]["denoiser_calls"]
     names = {c["component"] for c in res["components"]}
     assert {"denoiser_call_cfg", "vae_decode", "embed_fwd", "embed_fwd_bwd", "search_1"} <= names
     assert all(c["seconds"] > 0 for c in res["components"])
     assert res["architectures"]["tiny"]["index_vectors"] == 2000
+
+
+def test_cost_bench_refuses_an_unknown_method(tmp_path):
+    r = CliRunner().invoke(cli, ["bench", "cost", "--arch", "tiny", "--methods", "none,amg-magic"])
+    assert r.exit_code == 2 and "amg-magic" in r.output
 
 
 def test_projection_counts_checks():
