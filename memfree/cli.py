@@ -447,6 +447,27 @@ def index_build(images, captions, embedder, out, batch_size, factory, use_ray, r
                f"{sum(i['rows'] for i in done) / seconds:.0f} images/s embedded now)")
 
 
+@index_group.command("latent-screen")
+@model_option
+@click.option("--images", required=True, metavar="DIR", help="A folder of the training images.")
+@click.option("--out", required=True, metavar="FILE", help="The screen's safetensors file (AMG's latent_screen=).")
+@click.option("--size", type=click.IntRange(min=8), default=None,
+              help="Side the images are resized to before encoding (default: the VAE's sample size).")
+@click.option("--grid", default=8, show_default=True, type=click.IntRange(min=1), help="Latents pooled to grid×grid.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@quiet_option
+def index_latent_screen(model_path, images, out, size, grid, batch_size, quiet):
+    """Encode training images with the model's VAE into a latent screen: AMG's cheap first stage, which sends an
+    image to the full check only when its x̂0 comes near a training latent (use it with `screen` as well)."""
+    from memfree.index import load_image_source
+    from memfree.model import resolve_model
+    from memfree.similarity import latent_screen_from_files
+    files, _, _ = load_image_source(images)
+    path, _ = resolve_model(model_path)
+    screen = latent_screen_from_files(path, files, size, grid, batch_size, progress=not quiet)
+    click.echo(f"encoded {len(screen)} images into {screen.save(out)} (latents pooled to {grid}×{grid})")
+
+
 @index_group.command("add")
 @click.option("--index", "index_dir", required=True, metavar="DIR", help="A built index (memfree index build).")
 @click.option("--images", required=True, metavar="DIR",

@@ -169,7 +169,8 @@ class LatentScreen:
         parts = []
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size].to(vae.device, vae.dtype) * 2 - 1
-            parts.append(vae.encode(x).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+            z = vae.encode(x).latent_dist.mean.float().cpu() - (getattr(vae.config, "shift_factor", None) or 0.0)
+            parts.append(z * vae.config.scaling_factor)   # as the denoiser sees latents (SD3 shifts them first)
         return cls(torch.cat(parts), grid)
 
     def save(self, path: str | Path) -> Path:
@@ -279,3 +280,23 @@ class LatentIndex:
 def is_latent_index(index) -> bool:
     """Whether ``index`` compares latents (x̂0 as is) rather than decoded images."""
     return getattr(index.embedder, "space", "pixels") == "latent"
+
+
+def latent_screen_from_files(model_dir: str | Path, files, size: int | None = None, grid: int = 8,
+                             batch_size: int = 16, progress: bool = True) -> "LatentScreen":
+    """A :class:`LatentScreen` of image files, encoded by the VAE in ``model_dir/vae`` (any diffusers family) at
+    ``size`` × ``size`` (default: the VAE's sample size)."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+    from tqdm.auto import tqdm
+    vae = AutoencoderKL.from_pretrained(Path(model_dir) / "vae", use_safetensors=True).eval()
+    side = int(size or vae.config.sample_size)
+    parts = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(files), batch_size), desc="latent screen", disable=not progress):
+            batch = [np.asarray(Image.open(f).convert("RGB").resize((side, side), Image.BICUBIC)) for f in
+                     files[i:i + batch_size]]
+            x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            z = (vae.encode(x).latent_dist.mean - (getattr(vae.config, "shift_factor", None) or 0.0))
+            parts.append(F.adaptive_avg_pool2d(z.float() * vae.config.scaling_factor, grid))
+    return LatentScreen(torch.cat(parts), grid)

@@ -151,3 +151,26 @@ def test_explain_an_sd3_folder_by_occlusion_on_its_own_pipeline(tiny_sd3_path):
     assert res["words"][2]["significance"] == pytest.approx(full - without_circle, rel=1e-5, abs=1e-7)
     r = CliRunner().invoke(cli, ["explain", "--model", str(tiny_sd3_path), prompt, "--method", "gradient"])
     assert r.exit_code == 2
+
+
+def test_index_latent_screen_encodes_a_folder_with_the_models_vae(tmp_path, tiny_sd_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+    import memfree
+    from memfree.similarity import LatentScreen
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    r = CliRunner().invoke(cli, ["index", "latent-screen", "--model", str(tiny_sd_path), "--images", str(folder),
+                                 "--out", str(tmp_path / "screen.safetensors"), "--size", "32", "--grid", "2",
+                                 "--quiet"])
+    assert r.exit_code == 0, r.output
+    screen = LatentScreen.load(tmp_path / "screen.safetensors")
+    vae = memfree.load(tiny_sd_path).vae
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / f"{i}.png"))) for i in range(5)])
+    direct = LatentScreen.from_images(vae, x.permute(0, 3, 1, 2).float() / 255, grid=2)
+    assert len(screen) == 5 and torch.allclose(screen.vectors, direct.vectors, atol=1e-4)
+    assert screen.similarity(direct.vectors.reshape(5, -1, 2, 2)).min() > 0.99   # each image is its own nearest
