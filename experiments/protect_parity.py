@@ -8,7 +8,6 @@ largest pixel difference between the two paths. It produced docs/results/latent/
 
     python experiments/protect_parity.py --model testbed-latent --out docs/results/latent/protect-parity.json
 """
-import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 

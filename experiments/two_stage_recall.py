@@ -7,7 +7,6 @@ held-out captions and copy-style edits of training images. It produced docs/resu
 """
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 

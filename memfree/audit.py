@@ -99,7 +99,6 @@ def audit_data(index: TrainingIndex, items: Iterable[tuple[str, str | None]] | N
     for i, j, _ in pairs:
         uf.union(i, j)
     node = {**pos_of, **{i: len(index) + n for n, i in enumerate(extra)}}
-    ids_of = {**{p: i for i, p in pos_of.items()}, **{len(index) + n: i for n, i in enumerate(extra)}}
 
     group_items: dict[int, Counter] = defaultdict(Counter)   # component -> (id, caption) -> count
     for (i, c), n in counts.items():

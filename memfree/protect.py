@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memfree.denoise import REFERENCE_STEPS, predict_x0, to_eps
+from memfree.denoise import REFERENCE_STEPS, to_eps
 from memfree.sampling import StepState
 from memfree.settings import ModelSettings, read_settings
 

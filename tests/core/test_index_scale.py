@@ -111,23 +111,32 @@ def test_a_ray_build_on_two_workers_is_identical_to_the_single_process_build(tmp
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
 
 
+def _resumes_from_the_second_shard_to_the_same_index(folder, cut, full_dir) -> None:
+    """A build cut after its first shard: no index yet, one shard done; resumed, it embeds the other three
+    and ends byte-identical to the uninterrupted build in ``full_dir``."""
+    assert not (cut / "meta.json").exists()
+    assert sorted(p.name for p in (cut / "shards").glob("folder-*.json")) == ["folder-000000.json"]
+    seen = []
+    resumed = build_scaled(str(folder), cut, PixelEmbedder(8), shard_size=10, on_shard=seen.append)
+    assert [s["shard"] for s in seen] == ["folder-000001", "folder-000002", "folder-000003"]
+    full = TrainingIndex.load(full_dir)
+    assert list(resumed.ids) == list(full.ids)
+    every = torch.arange(len(full))
+    assert torch.equal(resumed.vectors(every), full.vectors(every))
+    for name in ("index.faiss", "items.parquet", "ids.order.npy"):
+        assert (cut / name).read_bytes() == (full_dir / name).read_bytes()
+
+
 def test_an_interrupted_build_resumes_with_the_missing_shards_only_and_ends_identical(tmp_path):
     _, folder = _folder(tmp_path)
-    full = build_scaled(str(folder), tmp_path / "full", PixelEmbedder(8), shard_size=10)
+    build_scaled(str(folder), tmp_path / "full", PixelEmbedder(8), shard_size=10)
 
     def crash_after_first(info):
         raise KeyboardInterrupt("killed after the first shard")
 
     with pytest.raises(KeyboardInterrupt):
         build_scaled(str(folder), tmp_path / "cut", PixelEmbedder(8), shard_size=10, on_shard=crash_after_first)
-    assert not (tmp_path / "cut" / "meta.json").exists()
-    assert sorted(p.name for p in (tmp_path / "cut" / "shards").glob("folder-*.json")) == ["folder-000000.json"]
-    seen = []
-    resumed = build_scaled(str(folder), tmp_path / "cut", PixelEmbedder(8), shard_size=10, on_shard=seen.append)
-    assert [s["shard"] for s in seen] == ["folder-000001", "folder-000002", "folder-000003"]
-    assert list(resumed.ids) == list(full.ids)
-    every = torch.arange(len(full))
-    assert torch.equal(resumed.vectors(every), full.vectors(every))
+    _resumes_from_the_second_shard_to_the_same_index(folder, tmp_path / "cut", tmp_path / "full")
     assert embed_shards(list_shards(str(folder), shard_size=10), PixelEmbedder(8),
                         tmp_path / "cut" / "shards") == {"embedded": 0, "reused": 4}
 
@@ -221,7 +230,7 @@ def test_a_build_killed_by_sigkill_mid_way_resumes_and_ends_identical(tmp_path):
     import sys
     import time
     _, folder = _folder(tmp_path)
-    full = build_scaled(str(folder), tmp_path / "full", PixelEmbedder(8), shard_size=10)
+    build_scaled(str(folder), tmp_path / "full", PixelEmbedder(8), shard_size=10)
     script = (
         "import sys, time\n"
         "from memfree.index import PixelEmbedder\n"
@@ -240,16 +249,7 @@ def test_a_build_killed_by_sigkill_mid_way_resumes_and_ends_identical(tmp_path):
     assert proc.poll() is None, "the build ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    done = sorted(p.name for p in (tmp_path / "cut" / "shards").glob("folder-*.json"))
-    assert done == ["folder-000000.json"] and not (tmp_path / "cut" / "meta.json").exists()
-    seen = []
-    resumed = build_scaled(str(folder), tmp_path / "cut", PixelEmbedder(8), shard_size=10, on_shard=seen.append)
-    assert [s["shard"] for s in seen] == ["folder-000001", "folder-000002", "folder-000003"]
-    assert list(resumed.ids) == list(full.ids)
-    every = torch.arange(len(full))
-    assert torch.equal(resumed.vectors(every), full.vectors(every))
-    for name in ("index.faiss", "items.parquet", "ids.order.npy"):
-        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+    _resumes_from_the_second_shard_to_the_same_index(folder, tmp_path / "cut", tmp_path / "full")
 
 
 def test_two_stage_search_ranks_the_candidates_by_the_final_embedder(tmp_path):

@@ -164,7 +164,7 @@ def test_wen_changes_only_flagged_images(tiny_sd_path):
     with protect(pipe, "wen", threshold=1e6):           # nothing is flagged: bit-identical
         out = _gen(pipe)
     assert np.array_equal(out.images, plain) and not any(r.mitigated for r in out.memorization)
-    with protect(pipe) as g:
+    with protect(pipe):
         scores = [r.score for r in _gen(pipe).memorization]
     with protect(pipe, "wen", threshold=min(scores) * 0.5, max_iters=5):
         out = _gen(pipe)
