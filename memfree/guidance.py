@@ -177,7 +177,8 @@ class AMG:
         x_t, eps = s.x_t[rows], s.eps[rows].detach()
         x0 = predict_x0(x_t, eps, a)
         view = (lambda z: z) if is_latent_index(self.index) else (lambda z: model.decode(z, clamp=False))
-        sig, near = nearest(self.index, view(x0), cfg.k, cfg.alpha)
+        checked = view(x0) if is_latent_index(self.index) else self._decoded(s, rows, x0, view)
+        sig, near = nearest(self.index, checked, cfg.k, cfg.alpha)
         lam = cfg.gate(s.t, model.scheduler.config.num_train_timesteps)
         fire = torch.ones_like(sig, dtype=torch.bool) if cfg.always_on else sig > lam
         for r, j in enumerate(rows):
@@ -228,6 +229,18 @@ class AMG:
         eps_new = s.eps.clone()
         eps_new[rows] = eps + change
         s.eps = eps_new
+
+    @staticmethod
+    def _decoded(s: StepState, rows: list[int], x0: torch.Tensor, view) -> torch.Tensor:
+        """x̂0 decoded for the check; a decode another AMG piece made of the same ε̂ and rows at this step is
+        reused (several indexes check the same images: one decode serves them all until one of them acts)."""
+        last = s.shared.get("amg_decoded")
+        if last is not None and last[0] is s.eps and last[1] == rows:
+            return last[2]
+        with torch.no_grad():
+            images = view(x0)
+        s.shared["amg_decoded"] = (s.eps, list(rows), images)
+        return images
 
     def summary(self, i: int) -> dict:
         """What AMG did to image i: similarity checks run, steps at which each term fired, peak σ."""

@@ -35,6 +35,7 @@ class StepState:
     guidance_scale: float
     indices: list[int]         # positions of this batch's images in the whole request
     model: Model
+    shared: dict = field(default_factory=dict, repr=False)   # what one piece computed that the next may reuse
 
     @property
     def x0(self) -> torch.Tensor:

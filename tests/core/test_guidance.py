@@ -208,3 +208,27 @@ def test_amg_over_two_indexes_runs_one_piece_per_index_with_its_own_gate(tiny_sd
     import os
     listed = build_mitigation("amg", index=f"{tmp_path / 'index'}{os.pathsep}{tmp_path / 'latent'}")
     assert listed.index == [str(tmp_path / "index"), str(tmp_path / "latent")]   # the CLI's DIR1:DIR2
+
+
+def test_two_indexes_share_one_decode_per_check_until_one_acts(tiny_sd_path, tmp_path):
+    from memfree.mitigate import build_mitigation, generate
+    model = memfree.load(tiny_sd_path).with_settings(num_inference_steps=4, guidance_scale=7.5)
+    prompt = "a red house by a lake"
+    own, pixels = _plant(model, prompt, tmp_path, PixelEmbedder())
+    small = build_index((own.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy(), tmp_path / "small",
+                        PixelEmbedder(8), captions=[prompt], progress=False)
+    decodes = []
+    real_decode = model.decode
+    model.decode = lambda x, clamp=True: decodes.append(len(x)) or real_decode(x, clamp)
+
+    def run(**kw):
+        decodes.clear()
+        g = generate(model, [prompt], build_mitigation("amg", index=[pixels, small], check_every=1, **kw),
+                     seed=0, progress=False)
+        return g, len(decodes)
+
+    quiet, n_quiet = run(lam_lo=5.0, lam_hi=5.0)      # no piece acts: one decode per step serves both, + the image
+    assert quiet.reports[0].extra["amg"]["checked_steps"] == 8 and n_quiet == 4 + 1
+    assert torch.equal(quiet.images, own)
+    acting, n_acting = run(always_on=True)            # the first piece acts: the second decodes its own x̂0
+    assert n_acting == 4 * (2 + 2) + 1 and acting.reports[0].applied   # per step: a check and a step each
