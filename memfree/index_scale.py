@@ -336,7 +336,8 @@ def _write_final(out: Path, names: Sequence[str], counts: Sequence[int], spec: d
             if not (final / f"{s}.json").exists():
                 raise ValueError(f"shard {s} has no final embedding in {final}")
             v = np.load(final / f"{s}.npy")
-            same = pq.read_table(final / f"{s}.parquet").column("id").equals(pq.read_table(shards / f"{s}.parquet").column("id"))
+            ids = [pq.read_table(d / f"{s}.parquet").column("id") for d in (final, shards)]
+            same = ids[0].equals(ids[1])
             if len(v) != c or not same:
                 raise ValueError(f"shard {s}: the two embedders kept different images; delete {final} and rebuild")
             f.write(v.astype(np.float16).tobytes())
@@ -387,27 +388,39 @@ class ScaledIndex(TrainingIndex):
             q = F.normalize(q, dim=1)
         k = max(1, min(k, len(self)))
         _, cand = self.index.search(np.ascontiguousarray(q.numpy()), min(len(self), RERANK * k))
-        found = cand >= 0
-        flat = np.where(found, cand, 0).reshape(-1)
+        cand = torch.from_numpy(cand).long()
+        found = (cand >= 0).numpy()
+        flat = np.where(found, cand.numpy(), 0).reshape(-1)
         uniq, inv = np.unique(flat, return_inverse=True)
         x = torch.from_numpy(np.asarray(self.stored[uniq], dtype=np.float32))[torch.from_numpy(inv)]
-        x = x.reshape(*cand.shape, -1)
-        if self.embedder.metric == "l2":
-            score = (q[:, None] - x).norm(dim=-1).masked_fill(~torch.from_numpy(found), float("inf"))
-            d, order = score.topk(k, dim=1, largest=False)
-        else:
-            score = (x @ q[:, :, None])[..., 0].masked_fill(~torch.from_numpy(found), float("-inf"))
-            d, order = score.topk(k, dim=1)
-        i = torch.from_numpy(cand).long().gather(1, order)
-        i = i.masked_fill(~torch.isfinite(d), -1)
+        d, i = best_of(q, x.reshape(*cand.shape, -1), cand, self.embedder.metric, k)
         return d.to(vectors.device), i.to(vectors.device)
 
     def vectors(self, idx: torch.Tensor) -> torch.Tensor:
         if self.stored is None:
             return super().vectors(idx)
-        flat = idx.detach().cpu().reshape(-1).numpy()
-        out = np.asarray(self.stored[flat], dtype=np.float32) if len(flat) else np.zeros((0, self.embedder.dim))
-        return torch.from_numpy(out).float().reshape(*idx.shape, -1).to(idx.device)
+        return stored_rows(self.stored, idx)
+
+
+def best_of(q: torch.Tensor, x: torch.Tensor, cand: torch.Tensor, metric: str, k: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best candidates of each query q (B, D) by exact comparison with their vectors x (B, C, D): ℓ2
+    distances (smallest first) or inner products (largest first), and their positions ``cand`` (B, C); a missing
+    candidate (position −1) ranks last and comes back as −1."""
+    found = cand >= 0
+    k = min(k, cand.shape[1])
+    if metric == "l2":
+        d, order = (q[:, None] - x).norm(dim=-1).masked_fill(~found, float("inf")).topk(k, dim=1, largest=False)
+    else:
+        d, order = (x @ q[:, :, None])[..., 0].masked_fill(~found, float("-inf")).topk(k, dim=1)
+    return d, cand.gather(1, order).masked_fill(~torch.isfinite(d), -1)
+
+
+def stored_rows(stored: np.ndarray, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` (any shape) of an fp16 vector file opened memory-mapped, as float32 on ``idx``'s device."""
+    flat = idx.detach().cpu().reshape(-1).numpy()
+    out = np.asarray(stored[flat], dtype=np.float32) if len(flat) else np.zeros((0, stored.shape[1]), np.float32)
+    return torch.from_numpy(out).reshape(*idx.shape, -1).to(idx.device)
 
 
 def open_scaled(path: Path, meta: dict, embedder: Embedder) -> "ScaledIndex | TwoStageIndex":
@@ -477,23 +490,15 @@ class TwoStageIndex:
         first, final = self.embedder.first_part(q), self.embedder.final_part(q)
         _, cand = self.first.search(first, max(k, self.candidates))
         cand = cand.cpu()
-        found = cand >= 0
-        x = self.vectors(cand.clamp(min=0))
-        if self.embedder.metric == "l2":
-            score = (final[:, None] - x).norm(dim=-1).masked_fill(~found, float("inf"))
-            d, order = score.topk(min(k, score.shape[1]), dim=1, largest=False)
-        else:
-            score = (x @ F.normalize(final, dim=1)[:, :, None])[..., 0].masked_fill(~found, float("-inf"))
-            d, order = score.topk(min(k, score.shape[1]), dim=1)
-        i = cand.gather(1, order).masked_fill(~torch.isfinite(d), -1)
+        if self.embedder.metric == "cosine":
+            final = F.normalize(final, dim=1)
+        d, i = best_of(final, self.vectors(cand.clamp(min=0)), cand, self.embedder.metric, k)
         return d.to(vectors.device), i.to(vectors.device)
 
     def vectors(self, idx: torch.Tensor) -> torch.Tensor:
         """The final embedder's stored vectors of the items at ``idx``."""
-        flat = idx.detach().cpu().reshape(-1).numpy()
-        out = np.asarray(self.final[flat], dtype=np.float32) if len(flat) else np.zeros((0, self.embedder.final.dim))
-        return torch.from_numpy(out).float().reshape(*idx.shape, -1).to(idx.device)
+        return stored_rows(self.final, idx)
 
 
-__all__ = ["IndexMismatchError", "ScaledIndex", "TwoStageIndex", "build_scaled", "choose_params", "embed_shard", "embed_shards",
-           "index_from_shards", "open_scaled", "parse_size"]
+__all__ = ["IndexMismatchError", "ScaledIndex", "TwoStageIndex", "build_scaled", "choose_params", "embed_shard",
+           "embed_shards", "index_from_shards", "open_scaled", "parse_size"]
