@@ -141,6 +141,19 @@ def nearest_training(index, images: torch.Tensor, k: int = 50) -> list[dict]:
              "similarity": float(sig[b]), "memorized": bool(sig[b] > limit)} for b in range(len(images))]
 
 
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch_size: int = 64, grid: int | None = None) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] as the denoiser sees their latents: the VAE's posterior means, shifted
+    (SD3) and scaled by its factors; average-pooled to grid × grid when ``grid`` is given. On the CPU."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    parts = []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(vae.device, vae.dtype) * 2 - 1
+        z = (vae.encode(x).latent_dist.mean.float().cpu() - shift) * vae.config.scaling_factor
+        parts.append(F.adaptive_avg_pool2d(z, grid) if grid is not None else z)
+    return torch.cat(parts)
+
+
 class LatentScreen:
     """A cheap first stage for AMG's check: x̂0 compared, without decoding it, with the training images' own VAE
     latents average-pooled to a small grid, by σ = 1 − nL2/2 over the k nearest (the pixel measure, in latent
@@ -163,15 +176,9 @@ class LatentScreen:
         return similarity_from_nl2(normalised_l2(near, self.alpha))
 
     @classmethod
-    @torch.no_grad()
     def from_images(cls, vae, images: torch.Tensor, grid: int = 8, batch_size: int = 64) -> "LatentScreen":
-        """Encode training images (N, 3, H, W) in [0, 1] with ``vae`` (posterior means × its scaling factor)."""
-        parts = []
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(vae.device, vae.dtype) * 2 - 1
-            z = vae.encode(x).latent_dist.mean.float().cpu() - (getattr(vae.config, "shift_factor", None) or 0.0)
-            parts.append(z * vae.config.scaling_factor)   # as the denoiser sees latents (SD3 shifts them first)
-        return cls(torch.cat(parts), grid)
+        """Encode training images (N, 3, H, W) in [0, 1] with ``vae`` (:func:`encode_latents`)."""
+        return cls(encode_latents(vae, images, batch_size), grid)
 
     def save(self, path: str | Path) -> Path:
         """Write the pooled vectors and settings to a safetensors file."""
@@ -239,15 +246,10 @@ class LatentIndex:
         return self.vectors_[idx.long()]
 
     @classmethod
-    @torch.no_grad()
     def from_images(cls, vae, images: torch.Tensor, captions: list[str | None], grid: int = 8,
                     batch_size: int = 64, **kwargs) -> "LatentIndex":
-        """Encode training images (N, 3, H, W) in [0, 1] with ``vae``: posterior means × its scaling factor."""
-        parts = []
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(vae.device, vae.dtype) * 2 - 1
-            parts.append(vae.encode(x).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
-        return cls(torch.cat(parts), captions, grid=grid, **kwargs)
+        """Encode training images (N, 3, H, W) in [0, 1] with ``vae`` (:func:`encode_latents`)."""
+        return cls(encode_latents(vae, images, batch_size), captions, grid=grid, **kwargs)
 
     def save(self, folder: str | Path) -> Path:
         """Write the pooled latents (fp16) and the items to ``folder``, atomically per file."""
@@ -291,12 +293,10 @@ def latent_screen_from_files(model_dir: str | Path, files, size: int | None = No
     from tqdm.auto import tqdm
     vae = AutoencoderKL.from_pretrained(Path(model_dir) / "vae", use_safetensors=True).eval()
     side = int(size or vae.config.sample_size)
-    parts = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(files), batch_size), desc="latent screen", disable=not progress):
-            batch = [np.asarray(Image.open(f).convert("RGB").resize((side, side), Image.BICUBIC)) for f in
-                     files[i:i + batch_size]]
-            x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1
-            z = (vae.encode(x).latent_dist.mean - (getattr(vae.config, "shift_factor", None) or 0.0))
-            parts.append(F.adaptive_avg_pool2d(z.float() * vae.config.scaling_factor, grid))
+    parts = []   # a batch of files at a time: the images are never all in memory, only their pooled latents
+    for i in tqdm(range(0, len(files), batch_size), desc="latent screen", disable=not progress):
+        batch = [np.asarray(Image.open(f).convert("RGB").resize((side, side), Image.BICUBIC)) for f in
+                 files[i:i + batch_size]]
+        parts.append(encode_latents(vae, torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255,
+                                    batch_size, grid))
     return LatentScreen(torch.cat(parts), grid)
