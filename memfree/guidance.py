@@ -176,8 +176,9 @@ class AMG:
         a = s.alpha_bar
         x_t, eps = s.x_t[rows], s.eps[rows].detach()
         x0 = predict_x0(x_t, eps, a)
-        view = (lambda z: z) if is_latent_index(self.index) else (lambda z: model.decode(z, clamp=False))
-        checked = view(x0) if is_latent_index(self.index) else self._decoded(s, rows, x0, view)
+        latent = is_latent_index(self.index)
+        view = (lambda z: z) if latent else (lambda z: model.decode(z, clamp=False))
+        checked = x0 if latent else self._decoded(s, rows, x0, view)
         sig, near = nearest(self.index, checked, cfg.k, cfg.alpha)
         lam = cfg.gate(s.t, model.scheduler.config.num_train_timesteps)
         fire = torch.ones_like(sig, dtype=torch.bool) if cfg.always_on else sig > lam
