@@ -8,11 +8,12 @@ detector, as in amg_two_judges.py. It produced docs/results/latent/amg-latent.js
 import json
 from pathlib import Path
 
-from common import experiment_parser, open_testbed
+from common import experiment_parser, judged_twice, open_testbed
 from memfree.images import from_uint8
 from memfree.io import write_json
 from memfree.mitigate import build_mitigation, default_index, generate
-from memfree.similarity import NL2_THRESHOLD, LatentIndex, write_index_tuning
+from memfree.similarity import LatentIndex, write_index_tuning
+from memfree_testbed.bundle import training_items
 
 parser = experiment_parser(__doc__)
 parser.add_argument("--sets", default="verbatim,caption_dup,heldout")
@@ -28,20 +29,12 @@ args = parser.parse_args()
 model, tb = open_testbed(args.model)
 folder = Path(f"{args.latent_index}-g{args.grid}")
 if not (folder / LatentIndex.FILE).exists():
-    caption = {}
-    for t in tb.manifest["train"]:
-        caption.setdefault(t["image"], t["caption"])
-    LatentIndex.from_images(model.vae, from_uint8(tb.images), [caption.get(i) for i in range(len(tb.images))],
+    _, captions = training_items(tb.images, tb.manifest)
+    LatentIndex.from_images(model.vae, from_uint8(tb.images), captions,
                             grid=args.grid).save(folder)
 latent_opts = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.latent_opt)}
 write_index_tuning(folder, amg={"amg": latent_opts})   # the latent index's own gate and scales
 latent, cosine = LatentIndex.load(folder), default_index(model)
-
-
-def judged(images) -> dict:
-    sim, _ = tb.copy_index.search(tb.copy_index.embedder(images), 1)
-    return {"memorized_nl2": float((tb.index.search(images).nl2 < NL2_THRESHOLD).float().mean()),
-            "memorized_detector": float((sim[:, 0] > tb.copy_threshold).float().mean())}
 
 
 guides = {"none": lambda: "none",
@@ -53,7 +46,8 @@ for name in args.sets.split(","):
     prompts = [e["prompt"] for e in tb.eval_sets[name]][:args.limit]
     for guide in args.guides.split(","):
         g = generate(model, prompts, guides[guide](), seed=0, progress=False)
-        rows.append({"prompt_set": name, "guided_by": guide, "prompts": len(prompts), **judged(g.images),
+        rows.append({"prompt_set": name, "guided_by": guide, "prompts": len(prompts),
+                     **judged_twice(tb, g.images),
                      "seconds_per_image": round(g.seconds / len(prompts), 3)})
         print(rows[-1], flush=True)
 write_json(args.out, {"model": model.label, "grid": args.grid, "latent_options": latent_opts,

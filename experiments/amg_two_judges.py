@@ -9,11 +9,11 @@ docs/results/latent/amg-two-judges.json:
 """
 from pathlib import Path
 
-from common import experiment_parser, open_testbed
+from common import experiment_parser, judged_twice, open_testbed
 from memfree.index import PixelEmbedder, TrainingIndex, build_index
 from memfree.io import write_json
 from memfree.mitigate import build_mitigation, default_index, generate
-from memfree.similarity import NL2_THRESHOLD
+from memfree_testbed.bundle import training_items
 
 parser = experiment_parser(__doc__)
 parser.add_argument("--sets", default="verbatim,caption_dup,heldout")
@@ -28,18 +28,10 @@ args = parser.parse_args()
 model, tb = open_testbed(args.model)
 cosine = default_index(model)
 if not (Path(args.pixel_index) / "meta.json").exists():
-    caption = {}
-    for t in tb.manifest["train"]:
-        caption.setdefault(t["image"], t["caption"])
+    _, captions = training_items(tb.images, tb.manifest)
     build_index(tb.images, args.pixel_index, PixelEmbedder(size=args.pixel_size), factory=args.pixel_factory,
-                captions=[caption.get(i) for i in range(len(tb.images))], progress=False)
+                captions=captions, progress=False)
 pixel = TrainingIndex.load(args.pixel_index)
-
-
-def judged(images) -> dict:
-    sim, _ = tb.copy_index.search(tb.copy_index.embedder(images), 1)
-    return {"memorized_nl2": float((tb.index.search(images).nl2 < NL2_THRESHOLD).float().mean()),
-            "memorized_detector": float((sim[:, 0] > tb.copy_threshold).float().mean())}
 
 
 guides = {"none": lambda: "none", "copy detector": lambda: build_mitigation("amg", index=cosine),
@@ -51,7 +43,8 @@ for name in args.sets.split(","):
     for guide in args.guides.split(","):
         make = guides[guide]
         g = generate(model, prompts, make(), seed=0, progress=False)
-        rows.append({"prompt_set": name, "guided_by": guide, "prompts": len(prompts), **judged(g.images),
+        rows.append({"prompt_set": name, "guided_by": guide, "prompts": len(prompts),
+                     **judged_twice(tb, g.images),
                      "seconds_per_image": round(g.seconds / len(prompts), 3)})
         print(rows[-1], flush=True)
 write_json(args.out, {"model": model.label, "pixel_index": {"size": args.pixel_size, "factory": args.pixel_factory},

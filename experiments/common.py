@@ -42,3 +42,12 @@ def tuning_triggers(tb: Testbed, kind: str = "faces", per_face: int = 4) -> list
             by_face.setdefault(t["image"], []).append(t["caption"])
     return [{"prompt": c, "image": face, "set": "image_dup"}
             for face in sorted(by_face) for c in by_face[face][:per_face]]
+
+
+def judged_twice(tb: Testbed, images) -> dict:
+    """The share of ``images`` memorized by pixel nL2 (< 1.4, the testbed's pixel index) and by the testbed's copy
+    detector (cosine over its threshold): two judges, so that guidance cannot fool the one it is guided by."""
+    from memfree.similarity import NL2_THRESHOLD
+    sim, _ = tb.copy_index.search(tb.copy_index.embedder(images), 1)
+    return {"memorized_nl2": float((tb.index.search(images).nl2 < NL2_THRESHOLD).float().mean()),
+            "memorized_detector": float((sim[:, 0] > tb.copy_threshold).float().mean())}

@@ -40,7 +40,8 @@ g = torch.Generator().manual_seed(0)
 pick = torch.randperm(len(train), generator=g)[:100]
 edited = train[pick]
 edited = torch.nn.functional.interpolate(edited[:, :, 4:60, 4:60], size=64, mode="bilinear", align_corners=False)
-edited = (edited * (0.8 + 0.4 * torch.rand(len(edited), 3, 1, 1, generator=g)) + 0.03 * torch.randn(edited.shape, generator=g)).clamp(0, 1)
+jitter = 0.8 + 0.4 * torch.rand(len(edited), 3, 1, 1, generator=g)
+edited = (edited * jitter + 0.03 * torch.randn(edited.shape, generator=g)).clamp(0, 1)
 queries = {"edited training images": edited}
 for name in ("verbatim", "heldout"):
     prompts = [e["prompt"] for e in tb.eval_sets[name]][:20]
@@ -64,7 +65,8 @@ for spec in args.firsts.split(","):
             want_ids = torch.tensor([int(copy_index.ids[int(p)]) for p in want[:, 0]])
             rows.append({"first": spec, "candidates": c, "queries": q, "n": len(x),
                          "same_top1": float((found == want_ids).float().mean()),
-                         "same_verdict": float(((sim[:, 0] > threshold) == (want_sim[:, 0] > threshold)).float().mean()),
+                         "same_verdict": float(((sim[:, 0] > threshold) == (want_sim[:, 0] > threshold))
+                                               .float().mean()),
                          "copies_exact": float((want_sim[:, 0] > threshold).float().mean()),
                          "copies_two_stage": float((sim[:, 0] > threshold).float().mean())})
             print(rows[-1], flush=True)
