@@ -118,6 +118,15 @@ def bench_detect(model_path, json_out, plot, negatives, quiet):
     click.echo(f"wrote {json_out} and {plot}")
 
 
+def _chosen(text: str, allowed, option: str) -> list[str]:
+    """A comma-separated list of names, each one of ``allowed``; a usage error naming the unknown ones."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in names if v not in allowed]
+    if bad or not names:
+        raise click.UsageError(f"{option}: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(allowed)}")
+    return names
+
+
 @bench.command("cost")
 @click.option("--arch", "archs", default="sd15", show_default=True,
               help="Comma-separated architectures: sd15, sd21, sdxl, sd3 (random weights, real sizes), or tiny.")
@@ -138,18 +147,11 @@ def bench_cost(archs, resolution, steps, repeats, vectors, cache, methods, json_
     """What protection costs at the real size: seconds per image and peak memory of none, detect, wen,
     amg-clean and amg-fired in one interleaved run (ratios to none), and the cost of each component.
     CPU by default; CUDA in fp16 when it is there."""
-    from memfree_bench.cost import ARCHS, format_table, run_cost
-    names = [a.strip() for a in archs.split(",") if a.strip()]
-    bad = [a for a in names if a not in ARCHS]
-    if bad or not names:
-        raise click.UsageError(f"--arch: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(ARCHS)}")
+    from memfree_bench.cost import ARCHS, METHODS, format_table, run_cost
+    names = _chosen(archs, ARCHS, "--arch")
     if resolution is not None and resolution % 64:
         raise click.UsageError(f"--resolution must be a multiple of 64, got {resolution}")
-    from memfree_bench.cost import METHODS
-    chosen = METHODS if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown or not chosen:
-        raise click.UsageError(f"--methods: unknown {', '.join(unknown) or 'empty list'}; choose from {', '.join(METHODS)}")
+    chosen = METHODS if methods is None else tuple(_chosen(methods, METHODS, "--methods"))
     res = run_cost(names, resolution, steps, repeats, vectors, cache, progress=not quiet, methods=chosen)
     if json_out:
         write_json(json_out, res)
