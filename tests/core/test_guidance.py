@@ -157,6 +157,13 @@ def test_a_smoothed_dissimilarity_step_is_constant_over_each_cell(tiny_sd_path, 
         config_for("amg", "l2", smooth=-1)
 
 
+def _record_decodes(model) -> list[bool]:
+    """Wrap ``model.decode`` so that each call appends its ``clamp`` argument to the returned list."""
+    calls, real = [], model.decode
+    model.decode = lambda x, clamp=True: calls.append(clamp) or real(x, clamp)
+    return calls
+
+
 def test_amg_over_a_latent_index_steers_away_without_decoding(tiny_sd_path, tmp_path):
     from memfree.mitigate import build_mitigation, generate
     from memfree.similarity import LatentIndex
@@ -169,9 +176,7 @@ def test_amg_over_a_latent_index_steers_away_without_decoding(tiny_sd_path, tmp_
     index = LatentIndex.load(index)
     assert len(index) == 61 and index.embedder.dim == 4 * 4 * model.vae.config.latent_channels
     assert index.captions[0] == prompt
-    decodes = []
-    real_decode = model.decode
-    model.decode = lambda x, clamp=True: decodes.append(clamp) or real_decode(x, clamp)
+    decodes = _record_decodes(model)
     piece = AMG(index, AMGConfig(c3=50.0, always_on=True, check_every=1, terms=("sim",)))
     out = sample(model, [prompt], 0, pieces=[piece], progress=False)
     assert decodes == [True]                         # only the final image: the checks and the step stay in latent space
@@ -217,9 +222,7 @@ def test_two_indexes_share_one_decode_per_check_until_one_acts(tiny_sd_path, tmp
     own, pixels = _plant(model, prompt, tmp_path, PixelEmbedder())
     small = build_index((own.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy(), tmp_path / "small",
                         PixelEmbedder(8), captions=[prompt], progress=False)
-    decodes = []
-    real_decode = model.decode
-    model.decode = lambda x, clamp=True: decodes.append(len(x)) or real_decode(x, clamp)
+    decodes = _record_decodes(model)
 
     def run(**kw):
         decodes.clear()
