@@ -450,22 +450,39 @@ def index_build(images, captions, embedder, out, batch_size, factory, use_ray, r
 @index_group.command("latent-screen")
 @model_option
 @click.option("--images", required=True, metavar="DIR", help="A folder of the training images.")
-@click.option("--out", required=True, metavar="FILE", help="The screen's safetensors file (AMG's latent_screen=).")
+@click.option("--out", default=None, metavar="FILE", help="The screen's safetensors file (AMG's latent_screen=).")
+@click.option("--index", "index_dir", default=None, metavar="DIR",
+              help="Or put it in this index's folder, where AMG finds it and screens with it by default.")
+@click.option("--bar", type=click.FloatRange(0, 1), default=None,
+              help="With --index: the latent σ bar to record in its tuning.json (default: AMG's, 0.3).")
 @click.option("--size", type=click.IntRange(min=8), default=None,
               help="Side the images are resized to before encoding (default: the VAE's sample size).")
 @click.option("--grid", default=8, show_default=True, type=click.IntRange(min=1), help="Latents pooled to grid×grid.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
 @quiet_option
-def index_latent_screen(model_path, images, out, size, grid, batch_size, quiet):
+def index_latent_screen(model_path, images, out, index_dir, bar, size, grid, batch_size, quiet):
     """Encode training images with the model's VAE into a latent screen: AMG's cheap first stage, which sends an
-    image to the full check only when its x̂0 comes near a training latent (use it with `screen` as well)."""
+    image to the full check only when its x̂0 comes near a training latent. Put in an index's folder (--index),
+    AMG uses it by default together with the first-step score screen at the model's calibrated threshold."""
     from memfree.index import load_image_source
     from memfree.model import resolve_model
-    from memfree.similarity import latent_screen_from_files
+    from memfree.similarity import SCREEN_FILE, latent_screen_from_files, write_index_tuning
+    if (out is None) == (index_dir is None):
+        raise click.UsageError("give one of --out FILE and --index DIR")
+    if bar is not None and index_dir is None:
+        raise click.UsageError("--bar is recorded in an index's tuning.json: use it with --index")
+    if index_dir is not None and not (Path(index_dir) / "meta.json").is_file():
+        raise click.UsageError(f"{index_dir} is not a built index (no meta.json)")
     files, _, _ = load_image_source(images)
     path, _ = resolve_model(model_path)
     screen = latent_screen_from_files(path, files, size, grid, batch_size, progress=not quiet)
-    click.echo(f"encoded {len(screen)} images into {screen.save(out)} (latents pooled to {grid}×{grid})")
+    target = Path(out) if out is not None else Path(index_dir) / SCREEN_FILE
+    tmp = target.with_name(target.name + ".tmp")
+    screen.save(tmp)
+    os.replace(tmp, target)   # a screen is there whole or not at all
+    if bar is not None:
+        write_index_tuning(index_dir, latent_bar=bar)
+    click.echo(f"encoded {len(screen)} images into {target} (latents pooled to {grid}×{grid})")
 
 
 @index_group.command("add")

@@ -26,22 +26,25 @@ Beyond the paper, two ways to make ordinary prompts pay next to nothing:
 * a cadence: σ is checked every ``check_every`` steps, and at every step once an image is under watch
   (σ above ``watch``, or the gate has fired). This is the default;
 * a screen: the free first-step detection score ‖ε_c − ε_u‖ decides whether an image is checked at
-  all; images scored under ``screen`` never pay for a search. It misses whatever copies the detector
-  misses (docs/methods.md gives the measured share), so it is an option, not the default. With a
-  latent screen as well, either signal is enough: an image the score does not flag is still checked
-  whenever its x̂0 comes close to a training latent.
+  all; images scored under ``screen`` never pay for a search. Alone it misses whatever copies the
+  detector misses, so it comes with a latent screen (:class:`memfree.similarity.LatentScreen`): either
+  signal is enough, and an image the score does not flag is still checked whenever its x̂0 comes close
+  to a training latent. Both are on by default when an index carries a latent screen and the model has
+  a calibrated threshold (:func:`screening`).
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 from memfree.denoise import branch_eps, predict_x0
 from memfree.sampling import StepState
-from memfree.similarity import index_tuning, is_latent_index, nearest, similarity_to
+from memfree.similarity import (index_latent_screen, index_tuning, is_latent_index, load_latent_screen, nearest,
+                                similarity_to)
 
 TERMS = ("spe", "dup", "sim")
 
@@ -64,7 +67,7 @@ class AMGConfig:
     alpha: float = 0.5
     grid: int = 0                 # >0: the ∇σ step averages to zero over each cell of a grid×grid split
                                   # (1: no change of any channel's mean, so no escape by a colour cast)
-    latent_bar: float = 0.0       # with a LatentScreen: images whose latent σ is at or under this skip the full check
+    latent_bar: float = 0.3       # with a LatentScreen: images whose latent σ is at or under this skip the full check
     smooth: int = 0               # >0: the ∇σ step is averaged over a smooth×smooth grid of cells, so x̂0 cannot
                                   # escape a learned embedder by fine-grained changes it alone notices
 
@@ -254,3 +257,28 @@ class AMG:
 def config_for_index(method: str, index, threshold: float | None = None, **overrides) -> AMGConfig:
     """:func:`config_for` for ``index``: its metric, and the values its ``tuning.json`` holds for its embedder."""
     return config_for(method, index.embedder.metric, threshold, index_tuning(index).get("amg"), **overrides)
+
+
+def screening(indexes: list, threshold: float | None, latent_screen=None, **overrides) -> tuple[object, dict]:
+    """The latent screen AMG runs with, and ``overrides`` with the screen settings that go with it.
+
+    ``latent_screen``: a :class:`LatentScreen` or its file is used as given; ``False`` (or ``"off"``) means none.
+    By default (None) the screen an index folder carries (``latent-screen.safetensors``) is used together with the
+    first-step score screen at the calibrated ``threshold``, either signal sending an image to the full check:
+    each covers the other's blind spot (caption templates for the latent one, paraphrases for the score).
+    The bar is the carrying index's ``latent_bar`` in ``tuning.json`` (else AMGConfig's). Without a threshold, or
+    with no index carrying a screen, there is no default screen and every check is a full one."""
+    if latent_screen is False or (isinstance(latent_screen, str) and latent_screen.lower() in ("off", "false")):
+        return None, overrides
+    if latent_screen is not None:
+        loaded = load_latent_screen(latent_screen) if isinstance(latent_screen, (str, Path)) else latent_screen
+        return loaded, overrides
+    if threshold is None:
+        return None, overrides
+    for index in indexes:
+        carried = index_latent_screen(index)
+        if carried is not None:
+            bar = index_tuning(index).get("latent_bar")
+            defaults = {"screen": threshold} | ({"latent_bar": bar} if bar is not None else {})
+            return carried, defaults | {k: v for k, v in overrides.items() if v is not None}
+    return None, overrides

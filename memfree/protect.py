@@ -228,6 +228,7 @@ class Guard:
         self.view = _View(self)
         self.model = PipelineModel(self)
         self._run: _Run | None = None
+        self._screening: tuple | None = None
         self._bypass = False
         self._handles = [self.denoiser.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                          self.denoiser.register_forward_hook(self._hook, with_kwargs=True)]
@@ -453,14 +454,14 @@ class Guard:
         return int(reference.timesteps[0])
 
     def _amg_step(self, run, output, raw, x, t, embeds, extra, half):
-        from memfree.guidance import AMG, config_for_index
+        from memfree.guidance import AMG, config_for_index, screening
         if run.amg is None:
-            overrides = {k: v for k, v in self.options.items() if k not in ("preset", "latent_screen")}
+            if self._screening is None:   # resolved (and a screen file read) once per guard
+                overrides = {k: v for k, v in self.options.items() if k not in ("preset", "latent_screen")}
+                self._screening = screening(self.indexes, self.threshold, self.options.get("latent_screen"),
+                                            **overrides)
+            screen, overrides = self._screening
             preset = self.options.get("preset", "amg")
-            screen = self.options.get("latent_screen")
-            if isinstance(screen, (str, Path)):
-                from memfree.similarity import LatentScreen
-                screen = self.options["latent_screen"] = LatentScreen.load(screen)
             run.amg = [AMG(index=ix, config=config_for_index(preset, ix, self.threshold, **overrides),
                            first_scores=run.first, latent_screen=screen) for ix in self.indexes]
         view = self.view
@@ -524,7 +525,8 @@ def protect(pipe, mitigation: str | None = None, index=None, threshold: float | 
     ``threshold``: the detection threshold, else the one ``memfree calibrate`` stored for the pipeline's folder.
     ``settings``: the model settings to use instead of the folder's (e.g. a calibrated ``detection`` timestep).
     ``options``: AMG's (``preset``, any AMGConfig field, and ``latent_screen``: a
-    :class:`memfree.similarity.LatentScreen` or its file, the cheap latent first stage of each check) or wen's
+    :class:`memfree.similarity.LatentScreen` or its file, the cheap latent first stage of each check; by default
+    the index's own screen with the threshold's score screen, ``"off"`` for none) or wen's
     (``target``, ``target_scale``, ``lr``, ``max_iters``).
     """
     return Guard(pipe, mitigation=mitigation, index=index, threshold=threshold, settings=settings, **options)

@@ -8,6 +8,7 @@ prompt with fresh detail does not.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from memfree.images import from_uint8
 
 NL2_THRESHOLD = 1.4
 TUNING_FILE = "tuning.json"
+SCREEN_FILE = "latent-screen.safetensors"   # a LatentScreen an index folder carries (AMG screens with it by default)
 COSINE_THRESHOLD = 0.5   # SSCD cosine above which a generation counts as a copy (AMG's Stable Diffusion setting)
 
 
@@ -110,6 +112,25 @@ def index_tuning(index) -> dict:
     if path is None or not (Path(path) / TUNING_FILE).is_file():
         return {}
     return json.loads((Path(path) / TUNING_FILE).read_text())
+
+
+def index_latent_screen(index) -> "LatentScreen | None":
+    """The :class:`LatentScreen` an index's folder carries in ``latent-screen.safetensors``, or None."""
+    path = getattr(index, "path", None)
+    if path is None or not (Path(path) / SCREEN_FILE).is_file():
+        return None
+    return load_latent_screen(Path(path) / SCREEN_FILE)
+
+
+def load_latent_screen(path: str | Path) -> "LatentScreen":
+    """:meth:`LatentScreen.load`, read once per file version (AMG asks for it on every request)."""
+    path = Path(path).resolve()
+    return _cached_screen(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_screen(path: str, mtime_ns: int) -> "LatentScreen":
+    return LatentScreen.load(path)
 
 
 def write_index_tuning(index_dir: str | Path, copy_threshold: float | None = None, amg: dict | None = None,

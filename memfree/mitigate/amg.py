@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from memfree.guidance import AMG, AMGConfig, config_for, config_for_index
+from memfree.guidance import AMG, AMGConfig, config_for, config_for_index, screening
 from memfree.index import TrainingIndex
 from memfree.mitigate.base import Mitigation, Request
 from memfree.model import Model, ModelError
@@ -58,7 +58,9 @@ class AMGMitigation(Mitigation):
     each with its own tuned gate: guided by two similarities, a generation must escape both
     (docs/testbed-latent.md shows why one learned embedder alone can be fooled).
     Any :class:`memfree.guidance.AMGConfig` field overrides the preset (for every index).
-    ``latent_screen`` (a :class:`memfree.similarity.LatentScreen` or its file) starts each check in latent space."""
+    ``latent_screen`` (a :class:`memfree.similarity.LatentScreen` or its file) starts each check in latent space;
+    by default an index's own screen is used with the calibrated threshold, and ``"off"`` turns that off
+    (:func:`memfree.guidance.screening`)."""
 
     name: ClassVar[str] = "amg"
 
@@ -68,9 +70,6 @@ class AMGMitigation(Mitigation):
         if isinstance(index, str) and os.pathsep in index:   # the CLI's list: DIR1:DIR2, as in $PATH
             index = index_list(index)
         self.preset, self.index, self.overrides = preset, index, overrides
-        if isinstance(latent_screen, (str, Path)):
-            from memfree.similarity import LatentScreen
-            latent_screen = LatentScreen.load(latent_screen)
         self.latent_screen = latent_screen
         self.piece: AMG | None = None
 
@@ -82,11 +81,11 @@ class AMGMitigation(Mitigation):
         return {"index": ("str | None", None), "latent_screen": ("str | None", None), **fields}
 
     def pieces(self, request: Request) -> list[Piece]:
-        self.parts = []
-        for index in index_list(self.index):
-            index = default_index(request.model) if index is None else open_index(index)
-            cfg = config_for_index(self.preset, index, request.model.settings.threshold, **self.overrides)
-            self.parts.append(AMG(index, cfg, first_scores=request.score_before, latent_screen=self.latent_screen))
+        indexes = [default_index(request.model) if ix is None else open_index(ix) for ix in index_list(self.index)]
+        threshold = request.model.settings.threshold
+        screen, overrides = screening(indexes, threshold, self.latent_screen, **self.overrides)
+        self.parts = [AMG(ix, config_for_index(self.preset, ix, threshold, **overrides),
+                          first_scores=request.score_before, latent_screen=screen) for ix in indexes]
         self.piece = self.parts[0]
         return list(self.parts)
 

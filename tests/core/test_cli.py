@@ -174,3 +174,17 @@ def test_index_latent_screen_encodes_a_folder_with_the_models_vae(tmp_path, tiny
     direct = LatentScreen.from_images(vae, x.permute(0, 3, 1, 2).float() / 255, grid=2)
     assert len(screen) == 5 and torch.allclose(screen.vectors, direct.vectors, atol=1e-4)
     assert screen.similarity(direct.vectors.reshape(5, -1, 2, 2)).min() > 0.99   # each image is its own nearest
+    # into an index's folder, with its bar in tuning.json: where AMG looks for a default screen
+    from memfree.index import PixelEmbedder, build_index
+    from memfree.similarity import SCREEN_FILE, index_latent_screen, index_tuning
+    index = build_index(x.numpy(), tmp_path / "index", PixelEmbedder(8), progress=False)
+    base = ["index", "latent-screen", "--model", str(tiny_sd_path), "--images", str(folder), "--size", "32",
+            "--grid", "2", "--quiet"]
+    r = CliRunner().invoke(cli, base + ["--index", str(index.path), "--bar", "0.25"])
+    assert r.exit_code == 0, r.output
+    assert (index.path / SCREEN_FILE).is_file() and not list(index.path.glob("*.tmp"))
+    assert torch.equal(index_latent_screen(index).vectors, screen.vectors) and index_tuning(index)["latent_bar"] == 0.25
+    for wrong in ([], ["--out", "a.safetensors", "--index", str(index.path)], ["--out", "a.safetensors", "--bar", "0.2"],
+                  ["--index", str(tmp_path / "imgs")]):
+        r = CliRunner().invoke(cli, base + wrong)
+        assert r.exit_code == 2, (wrong, r.output)

@@ -2,6 +2,8 @@
 SDXL and SD3 pipelines saved in safetensors and opened with ``from_pretrained``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -313,6 +315,38 @@ def test_a_latent_screen_spares_clean_images_the_full_check_and_keeps_copies(tmp
     with protect(pipe, "amg", index=index, latent_screen=far, latent_bar=0.3, screen=1e9, **options):
         neither = _gen(pipe, steps=6)
     assert all(r.amg["checked_steps"] == 0 and not r.mitigated for r in neither.memorization)
+
+
+def test_a_screen_the_index_carries_is_on_by_default_with_a_threshold_and_can_be_turned_off(tmp_path, tiny_sd_path):
+    """An index folder with latent-screen.safetensors: AMG screens with it and with the first-step score at the
+    calibrated threshold, as if both were passed; without a threshold, or with latent_screen="off", it does not."""
+    from memfree.similarity import SCREEN_FILE, LatentScreen, write_index_tuning
+    pipe = _open(tiny_sd_path, "sd")
+    index = _plant(tmp_path, _gen(pipe, steps=6).images)
+    far = LatentScreen(torch.randn(60, 4, 4, 4, generator=torch.Generator().manual_seed(1)) * 3 + 10, grid=4)
+    far.save(Path(index.path) / SCREEN_FILE)
+    write_index_tuning(index.path, latent_bar=0.25)
+    options = {**STRONG, "always_on": False, "lam_lo": 0.0, "lam_hi": 0.0, "check_every": 1}
+    with protect(pipe, "amg", index=index.path, threshold=1e9, **options) as guard:
+        carried = _gen(pipe, steps=6)          # the score flags none and no latent is near: no full check
+        assert guard._screening[1]["screen"] == 1e9 and guard._screening[1]["latent_bar"] == 0.25
+    assert all(r.amg["screened_out"] and r.amg["checked_steps"] == 0 and r.amg["latent_checked_steps"] == len(r.scores)
+               and not r.mitigated for r in carried.memorization)
+    with protect(pipe, "amg", index=index.path, threshold=1e9, latent_screen=far, screen=1e9, latent_bar=0.25,
+                 **options):
+        explicit = _gen(pipe, steps=6)
+    assert np.array_equal(carried.images, explicit.images)
+    with protect(pipe, "amg", index=index.path, threshold=0.0, **options):
+        flagged = _gen(pipe, steps=6)          # every image flagged by its score: the full check at every step
+    assert all(r.amg["checked_steps"] == len(r.scores) and r.mitigated for r in flagged.memorization)
+    with protect(pipe, "amg", index=index.path, **options):
+        unscreened = _gen(pipe, steps=6)       # no threshold: no default screen, every check is a full one
+    with protect(pipe, "amg", index=index.path, threshold=1e9, latent_screen="off", **options):
+        off = _gen(pipe, steps=6)
+    for run in (unscreened, off):
+        assert all(r.amg["latent_checked_steps"] == 0 and r.amg["checked_steps"] == len(r.scores) and r.mitigated
+                   for r in run.memorization)
+    assert np.array_equal(unscreened.images, off.images) and not np.array_equal(unscreened.images, carried.images)
 
 
 def test_amg_through_protect_over_two_indexes_steers_by_each_and_reports_each(tiny_sd_path, tmp_path):
