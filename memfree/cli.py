@@ -187,7 +187,7 @@ def generate(prompts, prompts_file, model_path, mitigation, opts, index_dir, see
     from memfree.images import save_png
     from memfree.index import TrainingIndex
     from memfree.io import write_json
-    from memfree.mitigate import default_index, generate as run, method_options
+    from memfree.mitigate import default_indexes, generate as run, method_options
     from memfree.pipelines import pipeline_family
     from memfree.similarity import nearest_training
     prompts = read_prompts(prompts, prompts_file)
@@ -197,11 +197,12 @@ def generate(prompts, prompts_file, model_path, mitigation, opts, index_dir, see
                               out, as_json, quiet)
         return
     model = load_model(model_path, scheduler, steps, guidance)
-    index = TrainingIndex.load(index_dir) if index_dir is not None else None
-    if index is None and model.path is not None and (model.path / "index" / "meta.json").exists():
-        index = default_index(model)
-    if index is not None and "index" in method_options(mitigation) and "index" not in options:
-        options["index"] = index   # the method searches the same index the report uses
+    indexes = [TrainingIndex.load(index_dir)] if index_dir is not None else []
+    if not indexes and model.path is not None and (model.path / "index" / "meta.json").exists():
+        indexes = default_indexes(model)
+    index = indexes[0] if indexes else None   # the one the report names the nearest item of
+    if indexes and "index" in method_options(mitigation) and "index" not in options:
+        options["index"] = indexes   # the method searches the indexes the model ships, the report's first
     out_dir = writable_folder(out, "--out")   # before the work, not after it
     res = run(model, prompts, mitigation, seed, progress=not quiet, **options)
     nearest = nearest_training(index, res.images) if index is not None else [None] * len(prompts)

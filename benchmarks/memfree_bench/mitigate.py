@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memfree.guidance import AMG_METHODS
-from memfree.mitigate import METHODS, default_index, generate
+from memfree.mitigate import METHODS, default_indexes, generate
 from memfree.model import Model
 from memfree_testbed.bundle import Testbed, load_testbed
 from memfree_testbed.probe import accuracy
@@ -142,7 +142,7 @@ def run_bench(model: Model, json_out: str | Path, methods=DEFAULT_METHODS, sets=
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     tb = load_testbed(model)
     options = {m: dict(o) for m, o in (options or {}).items()}
-    index = default_index(model) if any(m in AMG_METHODS for m in methods) else None
+    index = default_indexes(model) if any(m in AMG_METHODS for m in methods) else None
     json_out = Path(json_out)
     settings = {"seeds": list(seeds), "num_inference_steps": model.settings.num_inference_steps,
                 "guidance_scale": model.settings.guidance_scale, "threshold": model.settings.threshold,

@@ -16,7 +16,7 @@ import torch
 from memfree.denoise import schedule_gives_detection_score
 from memfree.detect import first_step_scores
 from memfree.guidance import AMG_METHODS
-from memfree.mitigate.amg import AMGMitigation, default_index
+from memfree.mitigate.amg import AMGMitigation, default_index, default_indexes
 from memfree.mitigate.base import Mitigation, Request
 from memfree.mitigate.baselines import CWR, GNI, RNA, RTA
 from memfree.mitigate.training import keep_mask, training_scores
@@ -141,4 +141,4 @@ def generate(model: Model, prompts: Sequence[str], mitigation: str | Mitigation 
 
 
 __all__ = ["METHODS", "Generation", "Mitigation", "MitigationReport", "Request", "build_mitigation", "default_index",
-           "generate", "keep_mask", "method_options", "register_mitigation", "training_scores"]
+           "default_indexes", "generate", "keep_mask", "method_options", "register_mitigation", "training_scores"]

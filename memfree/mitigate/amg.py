@@ -23,6 +23,15 @@ def default_index(model: Model) -> TrainingIndex:
     return TrainingIndex.load(path)
 
 
+def default_indexes(model: Model) -> list:
+    """Every index the model folder ships for AMG: ``index/`` first (the one reports name the nearest item of),
+    then each ``index-*/`` in name order. A generation must then escape all of them (docs/testbed-latent.md:
+    a learned embedder alone can be fooled, so a folder may ship a pixel index beside it)."""
+    first = default_index(model)
+    more = sorted(p for p in model.path.glob("index-*") if (p / "meta.json").is_file())
+    return [first] + [open_index(p) for p in more]
+
+
 def open_index(index):
     """An index given as a folder (a TrainingIndex or a LatentIndex folder) opened; a loaded one as it is."""
     if not isinstance(index, (str, Path)):
@@ -53,7 +62,7 @@ def merged_summary(summaries: list[dict]) -> dict:
 
 class AMGMitigation(Mitigation):
     """AMG under ``preset`` (or an ablation name), searching ``index`` (a :class:`TrainingIndex`, a
-    :class:`memfree.similarity.LatentIndex` or a folder; default: the one the model ships). A list of indexes
+    :class:`memfree.similarity.LatentIndex` or a folder; default: the ones the model ships). A list of indexes
     (on the command line, folders joined by ``os.pathsep``) composes one AMG piece per index in the same loop,
     each with its own tuned gate: guided by two similarities, a generation must escape both
     (docs/testbed-latent.md shows why one learned embedder alone can be fooled).
@@ -81,7 +90,7 @@ class AMGMitigation(Mitigation):
         return {"index": ("str | None", None), "latent_screen": ("str | None", None), **fields}
 
     def pieces(self, request: Request) -> list[Piece]:
-        indexes = [default_index(request.model) if ix is None else open_index(ix) for ix in index_list(self.index)]
+        indexes = default_indexes(request.model) if self.index is None else [open_index(ix) for ix in index_list(self.index)]
         threshold = request.model.settings.threshold
         screen, overrides = screening(indexes, threshold, self.latent_screen, **self.overrides)
         self.parts = [AMG(ix, config_for_index(self.preset, ix, threshold, **overrides),

@@ -146,3 +146,28 @@ def build_testbed_index(model_dir: str | Path, out_dir: str | Path | None = None
     ids, captions = training_items(images, manifest)
     return build_index(images, out_dir or Path(model_dir) / "index", embedder or PixelEmbedder(), ids=ids,
                        captions=captions, progress=progress)
+
+
+def attach_amg_companions(model_dir: str | Path, latent_bar: float = 0.3, pixel_size: int = 32,
+                          progress: bool = True) -> tuple[TrainingIndex, Path]:
+    """What a latent testbed ships for AMG beside its copy-detector index: a pixel index in ``index-pixels/``
+    (thumbnails in SQ8, a second similarity AMG must escape, since a small learned embedder alone can be
+    fooled) and, in ``index/``, a latent screen of the training images' VAE latents with its bar."""
+    import torch
+    from diffusers import AutoencoderKL
+    from memfree.images import from_uint8
+    from memfree.similarity import SCREEN_FILE, LatentScreen, write_index_tuning
+    model_dir = Path(model_dir)
+    root = model_dir / "testbed"
+    manifest = json.loads((root / "manifest.json").read_text())
+    images = ground_truth_images(root)
+    ids, captions = training_items(images, manifest)
+    pixels = build_index(images, model_dir / "index-pixels", PixelEmbedder(size=pixel_size), ids=ids,
+                         captions=captions, factory="sq8", progress=progress)
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae", use_safetensors=True).eval()
+    with torch.no_grad():
+        screen = LatentScreen.from_images(vae, from_uint8(images))
+    path = screen.save(model_dir / "index" / SCREEN_FILE)
+    write_index_tuning(model_dir / "index", latent_bar=latent_bar)
+    return pixels, path
+

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from memfree.explain import explain
 from memfree.images import to_uint8
 from memfree.io import write_text
-from memfree.mitigate import default_index, generate
+from memfree.mitigate import default_indexes, generate
 from memfree.model import Model
 from memfree.similarity import NL2_THRESHOLD
 from memfree_testbed.bundle import Testbed, load_testbed
@@ -89,7 +89,7 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
     ``out_dir/index.html``; ``sizes`` overrides how many prompts each section shows. Returns the summary."""
     t0 = time.perf_counter()
     tb = load_testbed(model)
-    index = default_index(model)
+    index = default_indexes(model)
     threshold = model.settings.threshold
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

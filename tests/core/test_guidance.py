@@ -2,6 +2,7 @@
 cadence saves checks. (On the bundled testbed: tests/testbed/test_amg.py.)"""
 import dataclasses
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,3 +236,24 @@ def test_two_indexes_share_one_decode_per_check_until_one_acts(tiny_sd_path, tmp
     assert torch.equal(quiet.images, own)
     acting, n_acting = run(always_on=True)            # the first piece acts: the second decodes its own x̂0
     assert n_acting == 4 * (2 + 2) + 1 and acting.reports[0].applied   # per step: a check and a step each
+
+
+def test_amg_by_default_steers_by_every_index_the_model_folder_ships(tiny_sd_path, tmp_path):
+    """``index/`` and any ``index-*/`` beside it: AMG without an index argument runs one piece for each."""
+    import shutil
+    from memfree.mitigate import default_indexes, generate
+    from memfree.similarity import write_index_tuning
+    folder = Path(shutil.copytree(tiny_sd_path, tmp_path / "model"))
+    model = memfree.load(folder).with_settings(num_inference_steps=4, guidance_scale=7.5)
+    prompt = "a red house by a lake"
+    own, _ = _plant(model, prompt, tmp_path, PixelEmbedder())
+    shutil.copytree(tmp_path / "index", folder / "index")
+    shutil.copytree(tmp_path / "index", folder / "index-shut")
+    write_index_tuning(folder / "index-shut", amg={"amg": {"lam_lo": 5.0, "lam_hi": 5.0}})   # its gate never opens
+    (folder / "index-empty").mkdir()                                                        # no meta.json: not an index
+    assert [Path(ix.path).name for ix in default_indexes(model)] == ["index", "index-shut"]
+    g = generate(model, [prompt], "amg", seed=0, progress=False, check_every=1)
+    amg = g.reports[0].extra["amg"]
+    assert len(amg["per_index"]) == 2 and amg["per_index"][0]["fired_steps"]["sim"]
+    assert not any(amg["per_index"][1]["fired_steps"].values()) and not torch.equal(g.images, own)
+
