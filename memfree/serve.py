@@ -253,11 +253,15 @@ class Service:
             raise ValueError("max_n, max_steps and max_prompt_chars must be at least 1")
         if default_mitigation not in MITIGATIONS:
             raise ValueError(f"unknown mitigation {default_mitigation!r}; choose one of {', '.join(MITIGATIONS)}")
+        amg_indexes = None
         if index is None and model.path is not None and (Path(model.path) / "index" / "meta.json").exists():
-            index = Path(model.path) / "index"   # the index the model folder ships, as `memfree generate` uses
+            from memfree.mitigate import default_indexes
+            amg_indexes = default_indexes(model)   # the indexes the model folder ships, as `memfree generate` uses
+            index = amg_indexes[0]
         if index is not None and not isinstance(index, TrainingIndex):
             index = TrainingIndex.load(index)
         self.model, self.index = model, index
+        self.amg_indexes = amg_indexes or ([index] if index is not None else None)   # AMG steers by each
         self.queue = ModelQueue(queue_size)
         self.max_n, self.max_prompt_chars = max_n, max_prompt_chars
         train_steps = int(getattr(model.scheduler.config, "num_train_timesteps", 1000))
@@ -333,7 +337,7 @@ class Service:
             from memfree.mitigate import generate
             from memfree.similarity import nearest_training
             model = self.model.with_settings(num_inference_steps=steps)   # this request's own settings
-            options = {"index": self.index} if mitigation == "amg" else {}
+            options = {"index": self.amg_indexes} if mitigation == "amg" else {}
             res = generate(model, [prompt] * n, mitigation, seed=seed, progress=False, **options)
             nearest = nearest_training(self.index, res.images) if self.index is not None else [None] * n
             return {"reports": res.reports, "nearest": nearest, "pngs": [_png(img) for img in res.images],

@@ -145,6 +145,21 @@ def test_amg_with_an_index_reports_the_nearest_training_image(tiny, pixel_index)
         assert_error(c.get("/v1/training-images/nope"), 404, "nope")
 
 
+def test_amg_steers_by_every_index_the_model_folder_ships(tiny_sd_path, pixel_index, tmp_path):
+    """A model folder with index/ and index-*/: the service's AMG runs one piece per index, as `memfree generate`."""
+    import shutil
+    from memfree.serve import Service
+    path, _, _ = pixel_index
+    folder = shutil.copytree(tiny_sd_path, tmp_path / "model")
+    shutil.copytree(path, folder / "index")
+    shutil.copytree(path, folder / "index-second")
+    service = Service(memfree.load(folder))
+    assert [p.path.name for p in service.amg_indexes] == ["index", "index-second"]
+    assert service.index is service.amg_indexes[0]
+    out = service.generate_job(PROMPT, 1, 0, "amg", STEPS)()
+    assert len(out["reports"][0].extra["amg"]["per_index"]) == 2
+
+
 def test_training_images_are_404_without_an_index(client):
     assert_error(client.get("/v1/training-images/0"), 404, "no training-set index")
 
