@@ -199,3 +199,18 @@ def test_an_embedder_shipped_beside_its_index_moves_with_it(tmp_path, torchscrip
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     sim, i = loaded.search(loaded.embedder(x), 1)
     assert torch.equal(i[:, 0], torch.arange(6)) and torch.allclose(sim[:, 0], torch.ones(6), atol=1e-4)
+
+
+def test_an_fp16_pixel_index_keeps_resized_pixels_and_ranks_as_the_flat_one(tmp_path):
+    """Half the size of Flat: thumbnails (non-integer after resizing) come back within fp16 rounding, and the
+    neighbours and distances of a query match the exact index's."""
+    images = np.random.default_rng(3).integers(0, 256, size=(40, 16, 16, 3), dtype=np.uint8)
+    flat = build_index(images, tmp_path / "flat", PixelEmbedder(size=8), factory="flat", progress=False)
+    half = build_index(images, tmp_path / "half", PixelEmbedder(size=8), factory="fp16", progress=False)
+    assert half.factory == "SQfp16" and TrainingIndex.load(tmp_path / "half").factory == "SQfp16"
+    stored = flat.vectors(torch.arange(40))
+    assert not torch.equal(stored, stored.round())                        # resizing left fractions
+    assert (half.vectors(torch.arange(40)) - stored).abs().max() < 0.13    # fp16 spacing is 1/8 under 256
+    query = flat.embedder(torch.from_numpy(images[:5]).permute(0, 3, 1, 2).float() / 255 * 0.9)
+    (d_flat, i_flat), (d_half, i_half) = flat.search(query, 5), half.search(query, 5)
+    assert torch.equal(i_flat, i_half) and torch.allclose(d_flat, d_half, rtol=1e-3)
