@@ -151,7 +151,7 @@ def build_testbed_index(model_dir: str | Path, out_dir: str | Path | None = None
 def attach_amg_companions(model_dir: str | Path, latent_bar: float = 0.3, pixel_size: int = 32,
                           progress: bool = True) -> tuple[TrainingIndex, Path]:
     """What a latent testbed ships for AMG beside its copy-detector index: a pixel index in ``index-pixels/``
-    (thumbnails in SQ8, a second similarity AMG must escape, since a small learned embedder alone can be
+    (thumbnails in fp16, a second similarity AMG must escape, since a small learned embedder alone can be
     fooled) and, in ``index/``, a latent screen of the training images' VAE latents with its bar."""
     import torch
     from diffusers import AutoencoderKL
@@ -163,7 +163,7 @@ def attach_amg_companions(model_dir: str | Path, latent_bar: float = 0.3, pixel_
     images = ground_truth_images(root)
     ids, captions = training_items(images, manifest)
     pixels = build_index(images, model_dir / "index-pixels", PixelEmbedder(size=pixel_size), ids=ids,
-                         captions=captions, factory="sq8", progress=progress)
+                         captions=captions, factory="fp16", progress=progress)
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", use_safetensors=True).eval()
     with torch.no_grad():
         screen = LatentScreen.from_images(vae, from_uint8(images))
