@@ -401,7 +401,8 @@ def index_group() -> None:
               help="pixel, pixel:SIZE, sscd:PATH or torchscript:PATH (optionally :SIZE after the path).")
 @click.option("--out", required=True, help="Index folder; an interrupted build resumes from it.")
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--factory", default="auto", show_default=True, type=click.Choice(["auto", "flat", "fp16", "sq8", "ivfpq"]),
+@click.option("--factory", default="auto", show_default=True,
+              type=click.Choice(["auto", "flat", "fp16", "sq8", "ivfpq"]),
               help="FAISS index type; auto is exact up to 200k images, IVF+PQ above.")
 @click.option("--ray", "use_ray", is_flag=True, help="Embed on Ray Data (a local Ray started on --workers CPUs).")
 @click.option("--ray-address", default=None, metavar="ADDR", help="Embed on an existing Ray cluster (e.g. auto).")

@@ -90,7 +90,10 @@ class AMGMitigation(Mitigation):
         return {"index": ("str | None", None), "latent_screen": ("str | None", None), **fields}
 
     def pieces(self, request: Request) -> list[Piece]:
-        indexes = default_indexes(request.model) if self.index is None else [open_index(ix) for ix in index_list(self.index)]
+        if self.index is None:
+            indexes = default_indexes(request.model)
+        else:
+            indexes = [open_index(ix) for ix in index_list(self.index)]
         threshold = request.model.settings.threshold
         screen, overrides = screening(indexes, threshold, self.latent_screen, **self.overrides)
         self.parts = [AMG(ix, config_for_index(self.preset, ix, threshold, **overrides),

@@ -170,4 +170,3 @@ def attach_amg_companions(model_dir: str | Path, latent_bar: float = 0.3, pixel_
     path = screen.save(model_dir / "index" / SCREEN_FILE)
     write_index_tuning(model_dir / "index", latent_bar=latent_bar)
     return pixels, path
-

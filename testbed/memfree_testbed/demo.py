@@ -89,7 +89,7 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
     ``out_dir/index.html``; ``sizes`` overrides how many prompts each section shows. Returns the summary."""
     t0 = time.perf_counter()
     tb = load_testbed(model)
-    index = default_indexes(model)
+    indexes = default_indexes(model)
     threshold = model.settings.threshold
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def run_demo(model: Model, out_dir: str | Path, seed: int = 0, progress: bool = 
         entries = tb.eval_sets[name][:n]
         prompts = [e["prompt"] for e in entries]
         base = generate(model, prompts, "none", seed=seed, progress=False)
-        cured = generate(model, prompts, mitigation, seed=seed, index=index, progress=False)
+        cured = generate(model, prompts, mitigation, seed=seed, index=indexes, progress=False)
         seconds["none"] += base.seconds
         seconds[mitigation] += cured.seconds
         (ids_base, mem_base, label_base), (ids_cured, mem_cured, label_cured) = judge(tb, base.images), judge(
