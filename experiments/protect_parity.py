@@ -4,7 +4,8 @@ Each trigger set's prompts (seed s·1000 + i, the benchmark's first seed round) 
 by `memfree.mitigate.generate` and by `StableDiffusionPipeline.from_pretrained(model folder)` under
 `memfree.protect(pipe, "amg")`, from the same x_T, with the model's scheduler and guidance. Per set: the share
 each path leaves memorized (the testbed's copy detector and nL2), how many images AMG acted on, and the
-largest pixel difference between the two paths. It produced docs/results/latent/protect-parity.json:
+largest pixel difference between the two paths. Both paths steer by every index the folder ships, behind the
+default screens. It produced docs/results/latent/protect-parity.json:
 
     python experiments/protect_parity.py --model testbed-latent --out docs/results/latent/protect-parity.json
 """
@@ -13,19 +14,19 @@ from diffusers import StableDiffusionPipeline
 
 from common import experiment_parser, open_testbed
 from memfree.io import write_json
-from memfree.mitigate import default_index, generate
+from memfree.mitigate import default_indexes, generate
 from memfree.protect import protect
 from memfree.sampling import initial_noise
 from memfree.similarity import NL2_THRESHOLD
 
 parser = experiment_parser(__doc__)
-parser.add_argument("--sets", default="verbatim,image_dup,caption_dup,heldout")
+parser.add_argument("--sets", default="verbatim,image_dup,caption_dup,paraphrase,heldout")
 parser.add_argument("--seed", type=int, default=0, help="seed round s: prompt i gets s·1000 + i (default: 0)")
 parser.add_argument("--out", required=True, metavar="JSON")
 args = parser.parse_args()
 
 model, tb = open_testbed(args.model)
-index = default_index(model)
+indexes = default_indexes(model)   # what `--mitigation amg` steers by, with the default screens
 pipe = StableDiffusionPipeline.from_pretrained(model.path)
 pipe.set_progress_bar_config(disable=True)
 pipe.scheduler = model.new_scheduler()
@@ -43,9 +44,9 @@ rows = {}
 for name in args.sets.split(","):
     prompts = [e["prompt"] for e in tb.eval_sets[name]]
     seeds = [args.seed * 1000 + i for i in range(len(prompts))]
-    ours = generate(model, prompts, "amg", seed=args.seed * 1000, index=index, progress=False)
+    ours = generate(model, prompts, "amg", seed=args.seed * 1000, progress=False)
     none = generate(model, prompts, "none", seed=args.seed * 1000, progress=False)
-    with protect(pipe, "amg", index=index):
+    with protect(pipe, "amg", index=indexes, threshold=model.settings.threshold):
         theirs = pipe(prompts, num_inference_steps=model.settings.num_inference_steps,
                       guidance_scale=model.settings.guidance_scale, latents=initial_noise(model, seeds),
                       output_type="pt")

@@ -257,3 +257,20 @@ def test_amg_by_default_steers_by_every_index_the_model_folder_ships(tiny_sd_pat
     assert len(amg["per_index"]) == 2 and amg["per_index"][0]["fired_steps"]["sim"]
     assert not any(amg["per_index"][1]["fired_steps"].values()) and not torch.equal(g.images, own)
 
+
+
+def test_latent_screen_and_latent_index_distances_match_the_direct_difference():
+    """The screen's float64 |a|²+|b|²−2ab shortcut gives the σ and neighbours the direct ℓ2 gives."""
+    from memfree.similarity import LatentIndex, LatentScreen, normalised_l2, similarity_from_nl2
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(300, 4, 8, 8, generator=g) * 2 + 0.5
+    x0 = torch.cat([latents[:3] + 1e-3 * torch.randn(3, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)])
+    screen = LatentScreen(latents, grid=4)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(x0, 4).flatten(1)
+    direct = torch.cdist(pooled, screen.vectors, compute_mode="donot_use_mm_for_euclid_dist")
+    near, ids = direct.topk(screen.k, dim=1, largest=False)
+    assert torch.allclose(screen.similarity(x0), similarity_from_nl2(normalised_l2(near)), atol=1e-5)
+    assert screen.similarity(x0)[:3].min() > 0.99 and screen.similarity(x0)[3:].max() < 0.5
+    index = LatentIndex(latents, [f"c{i}" for i in range(300)], grid=4)
+    d, found = index.search(pooled, 5)
+    assert torch.equal(found, ids[:, :5]) and torch.allclose(d, near[:, :5], atol=1e-5)
