@@ -23,18 +23,30 @@ reported beside it (``memorized_nl2``). It produced docs/results/latent/amg-tune
 
     python experiments/amg_tune.py --model testbed-latent --triggers suffix --seeds 5000 \
         --config '{"lam_lo": 0.8, "lam_hi": 0.85}' ... >> docs/results/latent/amg-tune.jsonl
+
+AMG steers by every index the model folder ships (``index/`` and each ``index-*/``), behind the default screens,
+as `--mitigation amg` does; ``--first-index-only`` steers by ``index/`` alone (how the rows above were made). A
+configuration may hold, under an index folder's name, values for that index alone, e.g.
+``'{"index": {"terms": ["sim"]}, "index-pixels": {"c3": 100}}'``: they go into a scratch copy of the folder's
+``tuning.json`` (the other files linked, not copied), as a tuned value would. It produced
+docs/results/latent/amg-tune-faces.jsonl:
+
+    python experiments/amg_tune.py --model testbed-latent --triggers faces --config '{}' ... \
+        >> docs/results/latent/amg-tune-faces.jsonl
 """
 import json
 import sys
+import tempfile
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from common import experiment_parser, open_testbed, tuning_triggers
 from memfree.guidance import config_for_index
-from memfree.mitigate import default_index, generate
-from memfree.similarity import NL2_THRESHOLD
+from memfree.mitigate import default_index, default_indexes, generate
+from memfree.similarity import NL2_THRESHOLD, TUNING_FILE, index_tuning
 from memfree_bench.mitigate import trigger_alignment
 
 parser = experiment_parser(__doc__, bootstrap=5000)
@@ -44,10 +56,34 @@ parser.add_argument("--seeds", default="5000,6000", help="comma-separated base s
 parser.add_argument("--per-face", type=int, default=4, help="unused training captions per face (default: 4)")
 parser.add_argument("--triggers", choices=("faces", "suffix"), default="faces",
                     help="unused face captions (default), or planted captions with an unseen suffix")
+parser.add_argument("--first-index-only", action="store_true", help="steer by index/ alone, not every shipped index")
 args = parser.parse_args()
 
 model, tb = open_testbed(args.model)
-index = default_index(model)
+shipped = [default_index(model)] if args.first_index_only else default_indexes(model)
+index = shipped[0]
+scratch = Path(tempfile.mkdtemp(prefix="amg-tune-"))
+
+
+def tuned_copies(per_index: dict) -> list[str]:
+    """The shipped index folders, with ``per_index[folder name]`` merged into a scratch copy's tuned ``amg`` values."""
+    folders = []
+    for ix in shipped:
+        values = per_index.get(ix.path.name)
+        if not values:
+            folders.append(str(ix.path))
+            continue
+        copy = scratch / f"{len(list(scratch.iterdir()))}-{ix.path.name}"
+        copy.mkdir()
+        for f in ix.path.iterdir():
+            if f.name != TUNING_FILE:
+                (copy / f.name).symlink_to(f.resolve())
+        tuning = index_tuning(ix)
+        presets = tuning.setdefault("amg", {})
+        presets["amg"] = {**presets.get("amg", {}), **values}
+        (copy / TUNING_FILE).write_text(json.dumps(tuning))
+        folders.append(str(copy))
+    return folders
 seeds = [int(s) for s in args.seeds.split(",")]
 owners = tuning_triggers(tb, args.triggers, args.per_face)
 prompts = [o["prompt"] for o in owners]
@@ -66,7 +102,9 @@ def run(method: str, overrides: dict) -> tuple[np.ndarray, np.ndarray, np.ndarra
     shape = (len(seeds), len(prompts))
     align, nl2, copy, fired, seconds = np.zeros(shape), np.zeros(shape), np.zeros(shape, bool), [], 0.0
     for a, s in enumerate(seeds):
-        options = {"index": index, **overrides} if method != "none" else {}
+        per_index = {k: v for k, v in overrides.items() if isinstance(v, dict)}
+        shared = {k: v for k, v in overrides.items() if not isinstance(v, dict)}
+        options = {"index": tuned_copies(per_index), **shared} if method != "none" else {}
         g = generate(model, prompts, method, seed=s, progress=False, **options)
         with torch.no_grad():
             feats = torch.cat([tb.probe.features(g.images[i:i + 256]) for i in range(0, len(g.images), 256)])
@@ -90,10 +128,14 @@ for arg in args.config or ["{}"]:
     diff = align - base                                   # paired: same prompt, same seed
     rng = np.random.default_rng(0)
     boot = [diff[:, rng.integers(0, diff.shape[1], diff.shape[1])].mean() for _ in range(args.bootstrap)]
-    resolved = config_for_index("amg", index, model.settings.threshold, **overrides)
-    config = {k: v for k, v in asdict(resolved).items()
-              if k in ("c1", "c2", "c3", "lam_lo", "lam_hi", "terms", "check_every", "grid", "watch", "smooth")}
-    row = {"config": config, "triggers": args.triggers, "generations": int(diff.size),
+    shared = {k: v for k, v in overrides.items() if not isinstance(v, dict)}
+    config = {}
+    for ix in shipped:
+        values = {**shared, **overrides.get(ix.path.name, {})}
+        resolved = asdict(config_for_index("amg", ix, model.settings.threshold, **values))
+        config[ix.path.name] = {k: v for k, v in resolved.items() if k in (
+            "c1", "c2", "c3", "lam_lo", "lam_hi", "terms", "check_every", "grid", "watch", "smooth")}
+    row = {"config": config, "overrides": overrides, "triggers": args.triggers, "generations": int(diff.size),
            "none_memorized": float(base_copy.mean()), "memorized": float(copy.mean()),
            "none_memorized_nl2": float(np.mean(base_nl2 < NL2_THRESHOLD)),
            "memorized_nl2": float(np.mean(nl2 < NL2_THRESHOLD)),

@@ -95,7 +95,7 @@ class Model:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return next(self.unet.parameters()).dtype   # diffusers' .dtype walks every parameter: slow per step
 
     @property
     def prediction_type(self) -> str:
