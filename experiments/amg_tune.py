@@ -28,7 +28,7 @@ AMG steers by every index the model folder ships (``index/`` and each ``index-*/
 as `--mitigation amg` does; ``--first-index-only`` steers by ``index/`` alone (how the rows above were made). A
 configuration may hold, under an index folder's name, values for that index alone, e.g.
 ``'{"index": {"terms": ["sim"]}, "index-pixels": {"c3": 100}}'``: they go into a scratch copy of the folder's
-``tuning.json`` (the other files linked, not copied), as a tuned value would. It produced
+``tuning.json`` (the other files, and the folder's siblings, linked, not copied), as a tuned value would. It produced
 docs/results/latent/amg-tune-faces.jsonl:
 
     python experiments/amg_tune.py --model testbed-latent --triggers faces --config '{}' ... \
@@ -54,8 +54,9 @@ parser.add_argument("--config", action="append", metavar="JSON",
                     help='AMG overrides as a JSON object, e.g. \'{"c3": 150}\'; repeatable (default: {}, the preset)')
 parser.add_argument("--seeds", default="5000,6000", help="comma-separated base seeds; prompt i gets base + i")
 parser.add_argument("--per-face", type=int, default=4, help="unused training captions per face (default: 4)")
-parser.add_argument("--triggers", choices=("faces", "suffix"), default="faces",
-                    help="unused face captions (default), or planted captions with an unseen suffix")
+parser.add_argument("--triggers", choices=("faces", "suffix", "paraphrase"), default="faces",
+                    help="unused face captions (default), planted captions with an unseen suffix, or paraphrases of "
+                         "the verbatim captions that the benchmark does not use")
 parser.add_argument("--first-index-only", action="store_true", help="steer by index/ alone, not every shipped index")
 args = parser.parse_args()
 
@@ -73,7 +74,12 @@ def tuned_copies(per_index: dict) -> list[str]:
         if not values:
             folders.append(str(ix.path))
             continue
-        copy = scratch / f"{len(list(scratch.iterdir()))}-{ix.path.name}"
+        home = scratch / str(len(list(scratch.iterdir())))   # beside links to its siblings: an index may name
+        home.mkdir()                                          # its embedder by a path relative to the model folder
+        for f in ix.path.parent.iterdir():
+            if f.name != ix.path.name:
+                (home / f.name).symlink_to(f.resolve())
+        copy = home / ix.path.name
         copy.mkdir()
         for f in ix.path.iterdir():
             if f.name != TUNING_FILE:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 import memfree
 from memfree_testbed import Testbed, load_testbed
+from memfree_testbed.data import paraphrase
 
 
 def experiment_parser(doc: str, bootstrap: int | None = None) -> argparse.ArgumentParser:
@@ -24,6 +27,7 @@ def open_testbed(model: str) -> tuple[memfree.Model, Testbed]:
 
 
 SUFFIX = ", high quality"   # in no training caption
+PARAPHRASE_SEED = 5000       # the tuning paraphrases' random stream (the benchmark's is the data seed + 1)
 
 
 def tuning_triggers(tb: Testbed, kind: str = "faces", per_face: int = 4) -> list[dict]:
@@ -31,7 +35,14 @@ def tuning_triggers(tb: Testbed, kind: str = "faces", per_face: int = 4) -> list
 
     ``faces``: the next ``per_face`` training captions of every duplicated face. ``suffix``: the verbatim and
     caption-duplication captions with :data:`SUFFIX` appended (on the latent testbed the faces rarely copy, and
-    every planted caption that does is in the benchmark; with the suffix most still copy)."""
+    every planted caption that does is in the benchmark; with the suffix most still copy). ``paraphrase``: the
+    verbatim captions rewritten by the testbed's own paraphrase rule with another random stream than the benchmark's
+    (any rewrite that equals a benchmark prompt is dropped)."""
+    if kind == "paraphrase":
+        used = {e["prompt"] for entries in tb.eval_sets.values() for e in entries}
+        rng = np.random.default_rng(PARAPHRASE_SEED)
+        rewrites = [{**e, "prompt": paraphrase(e["prompt"], rng), "set": "paraphrase"} for e in tb.eval_sets["verbatim"]]
+        return [e for e in rewrites if e["prompt"] not in used]
     if kind == "suffix":
         return [{**e, "prompt": e["prompt"] + SUFFIX, "set": name}
                 for name in ("verbatim", "caption_dup") for e in tb.eval_sets[name]]

@@ -30,7 +30,8 @@ Beyond the paper, two ways to make ordinary prompts pay next to nothing:
   detector misses, so it comes with a latent screen (:class:`memfree.similarity.LatentScreen`): either
   signal is enough, and an image the score does not flag is still checked whenever its x̂0 comes close
   to a training latent. Both are on by default when an index carries a latent screen and the model has
-  a calibrated threshold (:func:`screening`).
+  a calibrated threshold (:func:`screening`). What neither signal sees (a copy by a learned embedder's verdict
+  that is no copy in pixels or latents) a ``spot_check`` catches: one full check of every image at one noise level.
 """
 from __future__ import annotations
 
@@ -70,6 +71,8 @@ class AMGConfig:
     latent_bar: float = 0.3       # with a LatentScreen: images whose latent σ is at or under this skip the full check
     smooth: int = 0               # >0: the ∇σ step is averaged over a smooth×smooth grid of cells, so x̂0 cannot
                                   # escape a learned embedder by fine-grained changes it alone notices
+    spot_check: float | None = None  # with a screen: at the first step with t/T at or under this, every image gets
+                                     # one full check all the same (one it finds above ``watch`` stays under watch)
 
     def gate(self, t: float, num_train_timesteps: int = 1000) -> float:
         r = min(max(float(t) / num_train_timesteps, 0.0), 1.0)
@@ -139,7 +142,8 @@ def config_for(method: str, metric: str = "l2", threshold: float | None = None, 
 
 
 def _new_entry() -> dict:
-    return {"checked": 0, "latent_checked": 0, "screened_out": False, "watch": False, "max_sigma": None, "steps": []}
+    return {"checked": 0, "latent_checked": 0, "screened_out": False, "watch": False, "spotted": False, "max_sigma": None,
+            "steps": []}
 
 
 @dataclass
@@ -153,8 +157,10 @@ class AMG:
     latent_screen: object | None = None        # a LatentScreen: a check starts in latent space, no decode
     log: dict[int, dict] = field(default_factory=lambda: defaultdict(_new_entry))
 
-    def _due(self, step: int, i: int) -> bool:
+    def _due(self, step: int, i: int, spot: bool) -> bool:
         e = self.log[i]
+        if spot:
+            return True
         if e["screened_out"] and self.latent_screen is None:
             return False
         return e["watch"] or step % self.config.check_every == 0
@@ -165,14 +171,15 @@ class AMG:
             scores = s.score if self.first_scores is None else self.first_scores[s.indices]
             for j, i in enumerate(s.indices):
                 self.log[i]["screened_out"] = bool(scores[j] < cfg.screen)
-        rows = [j for j, i in enumerate(s.indices) if self._due(s.step, i)]
+        spot = self._spot_due(s)
+        rows = [j for j, i in enumerate(s.indices) if self._due(s.step, i, spot)]
         if rows and self.latent_screen is not None:   # the cheap first stage: x̂0 against training latents
             lat = self.latent_screen.similarity(predict_x0(s.x_t[rows], s.eps[rows].detach(), s.alpha_bar))
             for j in rows:
                 self.log[s.indices[j]]["latent_checked"] += 1
             # with both screens either signal is enough: images the first-step score flags skip the latent filter
             flagged = cfg.screen is not None
-            rows = [j for r, j in enumerate(rows) if self.log[s.indices[j]]["watch"] or lat[r] > cfg.latent_bar
+            rows = [j for r, j in enumerate(rows) if spot or self.log[s.indices[j]]["watch"] or lat[r] > cfg.latent_bar
                     or (flagged and not self.log[s.indices[j]]["screened_out"])]
         if not rows:
             return
@@ -233,6 +240,16 @@ class AMG:
         eps_new = s.eps.clone()
         eps_new[rows] = eps + change
         s.eps = eps_new
+
+    def _spot_due(self, s: StepState) -> bool:
+        """Whether this is the step of the spot check: the first at or under ``spot_check``·T (one per image)."""
+        cfg = self.config
+        if cfg.spot_check is None or float(s.t) > cfg.spot_check * s.model.scheduler.config.num_train_timesteps:
+            return False
+        fresh = [i for i in s.indices if not self.log[i]["spotted"]]
+        for i in fresh:
+            self.log[i]["spotted"] = True
+        return bool(fresh)
 
     @staticmethod
     def _decoded(s: StepState, rows: list[int], x0: torch.Tensor, view) -> torch.Tensor:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from memfree.denoise import REFERENCE_STEPS, to_eps
+from memfree.guidance import AMGConfig
 from memfree.sampling import StepState
 from memfree.settings import ModelSettings, read_settings
 
@@ -39,8 +40,7 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"
             "StableDiffusion3Pipeline": "sd3"}
 MITIGATIONS = (None, "amg", "wen")
 WEN_OPTIONS = ("target", "target_scale", "lr", "max_iters")
-AMG_OPTIONS = ("c1", "c2", "c3", "lam_lo", "lam_hi", "terms", "always_on", "screen", "check_every", "watch", "k",
-               "alpha", "grid", "latent_bar")
+AMG_OPTIONS = tuple(AMGConfig.__dataclass_fields__)   # every field of AMG's configuration is an option
 
 
 @dataclass

@@ -315,6 +315,23 @@ def test_a_latent_screen_spares_clean_images_the_full_check_and_keeps_copies(tmp
     with protect(pipe, "amg", index=index, latent_screen=far, latent_bar=0.3, screen=1e9, **options):
         neither = _gen(pipe, steps=6)
     assert all(r.amg["checked_steps"] == 0 and not r.mitigated for r in neither.memorization)
+    # a spot check: neither signal flags, yet every image gets one full check at that noise level; the copy it finds
+    # stays under watch (checked at every later step) and is steered from there on
+    steps_t = [float(t) for t in pipe.scheduler.timesteps]
+    spot = steps_t[3] / pipe.scheduler.config.num_train_timesteps
+    first = next(k for k, t in enumerate(steps_t) if t <= steps_t[3])      # the step the spot check falls on
+    assert first >= 2
+    with protect(pipe, "amg", index=index, latent_screen=far, latent_bar=0.3, screen=1e9, spot_check=spot, **options):
+        spotted = _gen(pipe, steps=6)
+    for r in spotted.memorization:
+        after = list(range(first, len(r.scores)))
+        assert r.amg["checked_steps"] == len(after) and r.amg["fired_steps"]["sim"] == after and r.mitigated
+    assert not np.array_equal(spotted.images, neither.images)
+    quiet = {**options, "lam_lo": 2.0, "lam_hi": 2.0, "watch": 2.0}   # σ ≤ 1: the spot check finds nothing to act on
+    with protect(pipe, "amg", index=index, latent_screen=far, latent_bar=0.3, screen=1e9, spot_check=spot, **quiet):
+        clean = _gen(pipe, steps=6)
+    assert np.array_equal(clean.images, neither.images)
+    assert all(r.amg["checked_steps"] == 1 and not r.mitigated for r in clean.memorization)
 
 
 def test_a_screen_the_index_carries_is_on_by_default_with_a_threshold_and_can_be_turned_off(tmp_path, tiny_sd_path):
