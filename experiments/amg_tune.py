@@ -28,11 +28,18 @@ AMG steers by every index the model folder ships (``index/`` and each ``index-*/
 as `--mitigation amg` does; ``--first-index-only`` steers by ``index/`` alone (how the rows above were made). A
 configuration may hold, under an index folder's name, values for that index alone, e.g.
 ``'{"index": {"terms": ["sim"]}, "index-pixels": {"c3": 100}}'``: they go into a scratch copy of the folder's
-``tuning.json`` (the other files, and the folder's siblings, linked, not copied), as a tuned value would. It produced
-docs/results/latent/amg-tune-faces.jsonl:
+``tuning.json`` (the other files, and the folder's siblings, linked, not copied), as a tuned value would. With
+``--triggers paraphrase`` the triggers are new rewrites of the verbatim captions; with ``--triggers heldout`` they
+are the held-out prompts, for what a setting costs on ordinary prompts (``full_checks_per_image``, seconds). These
+produced docs/results/latent/amg-tune-{faces,paraphrase,heldout}.jsonl (16,000-step UNet):
 
-    python experiments/amg_tune.py --model testbed-latent --triggers faces --config '{}' ... \
-        >> docs/results/latent/amg-tune-faces.jsonl
+    python experiments/amg_tune.py --model testbed-latent --triggers faces --config '{}' \
+        --config '{"index": {"terms": ["sim"]}}' --config '{"index-pixels": {"c3": 100}}' \
+        --config '{"index": {"terms": ["sim"]}, "index-pixels": {"c3": 100}}' --config '{"index": {"c1": 3, "c2": 3}}'
+    python experiments/amg_tune.py --model testbed-latent --triggers paraphrase --config '{}' \
+        --config '{"spot_check": 0.82}' --config '{"spot_check": 0.74}' --config '{"spot_check": 0.66}' ...
+    python experiments/amg_tune.py --model testbed-latent --triggers heldout --config '{}' \
+        --config '{"spot_check": 0.82}' --config '{"spot_check": 0.66}' ...
 """
 import json
 import sys
@@ -54,9 +61,9 @@ parser.add_argument("--config", action="append", metavar="JSON",
                     help='AMG overrides as a JSON object, e.g. \'{"c3": 150}\'; repeatable (default: {}, the preset)')
 parser.add_argument("--seeds", default="5000,6000", help="comma-separated base seeds; prompt i gets base + i")
 parser.add_argument("--per-face", type=int, default=4, help="unused training captions per face (default: 4)")
-parser.add_argument("--triggers", choices=("faces", "suffix", "paraphrase"), default="faces",
-                    help="unused face captions (default), planted captions with an unseen suffix, or paraphrases of "
-                         "the verbatim captions that the benchmark does not use")
+parser.add_argument("--triggers", choices=("faces", "suffix", "paraphrase", "heldout"), default="faces",
+                    help="unused face captions (default), planted captions with an unseen suffix, paraphrases of "
+                         "the verbatim captions that the benchmark does not use, or held-out prompts (for the cost)")
 parser.add_argument("--first-index-only", action="store_true", help="steer by index/ alone, not every shipped index")
 args = parser.parse_args()
 
@@ -106,7 +113,7 @@ def copied(images: torch.Tensor) -> np.ndarray:
 def run(method: str, overrides: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """(seeds, prompts) alignment, nL2 and the testbed's copy verdict, and the share of images AMG fired on."""
     shape = (len(seeds), len(prompts))
-    align, nl2, copy, fired, seconds = np.zeros(shape), np.zeros(shape), np.zeros(shape, bool), [], 0.0
+    align, nl2, copy, fired, checks, seconds = np.zeros(shape), np.zeros(shape), np.zeros(shape, bool), [], [], 0.0
     for a, s in enumerate(seeds):
         per_index = {k: v for k, v in overrides.items() if isinstance(v, dict)}
         shared = {k: v for k, v in overrides.items() if not isinstance(v, dict)}
@@ -120,8 +127,10 @@ def run(method: str, overrides: dict) -> tuple[np.ndarray, np.ndarray, np.ndarra
             nl2[a] = tb.index.search(g.images).nl2.numpy()
             copy[a] = copied(g.images)
         fired += [bool(any(r.extra["amg"]["fired_steps"].values())) for r in g.reports if "amg" in r.extra]
+        checks += [r.extra["amg"]["checked_steps"] for r in g.reports if "amg" in r.extra]
         seconds += g.seconds
     return align, nl2, copy, {"fired_rate": float(np.mean(fired)) if fired else 0.0,
+                              "full_checks_per_image": float(np.mean(checks)) if checks else 0.0,
                               "seconds_per_image": round(seconds / copy.size, 4)}
 
 

@@ -37,7 +37,10 @@ def tuning_triggers(tb: Testbed, kind: str = "faces", per_face: int = 4) -> list
     caption-duplication captions with :data:`SUFFIX` appended (on the latent testbed the faces rarely copy, and
     every planted caption that does is in the benchmark; with the suffix most still copy). ``paraphrase``: the
     verbatim captions rewritten by the testbed's own paraphrase rule with another random stream than the benchmark's
-    (any rewrite that equals a benchmark prompt is dropped)."""
+    (any rewrite that equals a benchmark prompt is dropped). ``heldout``: the held-out prompts, for what AMG costs on
+    ordinary prompts (the tuning gives them other seeds than the benchmark)."""
+    if kind == "heldout":   # ordinary prompts: the benchmark's own, which the tuning runs at other seeds
+        return [{**e, "set": "heldout"} for e in tb.eval_sets["heldout"]]
     if kind == "paraphrase":
         used = {e["prompt"] for entries in tb.eval_sets.values() for e in entries}
         rng = np.random.default_rng(PARAPHRASE_SEED)

@@ -48,6 +48,7 @@ from memfree.similarity import (index_latent_screen, index_tuning, is_latent_ind
                                 similarity_to)
 
 TERMS = ("spe", "dup", "sim")
+SPOT_CHECK = 0.3   # with the default screens: every image gets one full check at t/T = 0.3 (docs/testbed-latent.md)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class AMGConfig:
     smooth: int = 0               # >0: the ∇σ step is averaged over a smooth×smooth grid of cells, so x̂0 cannot
                                   # escape a learned embedder by fine-grained changes it alone notices
     spot_check: float | None = None  # with a screen: at the first step with t/T at or under this, every image gets
-                                     # one full check all the same (one it finds above ``watch`` stays under watch)
+                                     # one full check all the same (one it acts on stays under watch); ≤ 0: none
 
     def gate(self, t: float, num_train_timesteps: int = 1000) -> float:
         r = min(max(float(t) / num_train_timesteps, 0.0), 1.0)
@@ -173,14 +174,19 @@ class AMG:
                 self.log[i]["screened_out"] = bool(scores[j] < cfg.screen)
         spot = self._spot_due(s)
         rows = [j for j, i in enumerate(s.indices) if self._due(s.step, i, spot)]
+        spot_only: set[int] = set()   # rows checked only because of the spot check
         if rows and self.latent_screen is not None:   # the cheap first stage: x̂0 against training latents
             lat = self.latent_screen.similarity(predict_x0(s.x_t[rows], s.eps[rows].detach(), s.alpha_bar))
             for j in rows:
                 self.log[s.indices[j]]["latent_checked"] += 1
             # with both screens either signal is enough: images the first-step score flags skip the latent filter
             flagged = cfg.screen is not None
-            rows = [j for r, j in enumerate(rows) if spot or self.log[s.indices[j]]["watch"] or lat[r] > cfg.latent_bar
-                    or (flagged and not self.log[s.indices[j]]["screened_out"])]
+            keep = [self.log[s.indices[j]]["watch"] or bool(lat[r] > cfg.latent_bar)
+                    or (flagged and not self.log[s.indices[j]]["screened_out"]) for r, j in enumerate(rows)]
+            spot_only = {j for j, k in zip(rows, keep) if spot and not k}
+            rows = [j for j, k in zip(rows, keep) if k or spot]
+        elif spot:
+            spot_only = {j for j in rows if self.log[s.indices[j]]["screened_out"] and not self.log[s.indices[j]]["watch"]}
         if not rows:
             return
         a = s.alpha_bar
@@ -195,7 +201,8 @@ class AMG:
         for r, j in enumerate(rows):
             e = self.log[s.indices[j]]
             e["checked"] += 1
-            e["watch"] = e["watch"] or bool(sig[r] > cfg.watch) or bool(fire[r])
+            near_watch = bool(sig[r] > cfg.watch) and j not in spot_only   # a spot check watches only what it acts on
+            e["watch"] = e["watch"] or near_watch or bool(fire[r])
             e["max_sigma"] = max(float(sig[r]), e["max_sigma"] if e["max_sigma"] is not None else -math.inf)
         if not fire.any():
             return
@@ -244,7 +251,8 @@ class AMG:
     def _spot_due(self, s: StepState) -> bool:
         """Whether this is the step of the spot check: the first at or under ``spot_check``·T (one per image)."""
         cfg = self.config
-        if cfg.spot_check is None or float(s.t) > cfg.spot_check * s.model.scheduler.config.num_train_timesteps:
+        if (cfg.spot_check is None or cfg.spot_check <= 0
+                or float(s.t) > cfg.spot_check * s.model.scheduler.config.num_train_timesteps):
             return False
         fresh = [i for i in s.indices if not self.log[i]["spotted"]]
         for i in fresh:
@@ -283,7 +291,8 @@ def screening(indexes: list, threshold: float | None, latent_screen=None, **over
     By default (None) the screen an index folder carries (``latent-screen.safetensors``) is used together with the
     first-step score screen at the calibrated ``threshold``, either signal sending an image to the full check:
     each covers the other's blind spot (caption templates for the latent one, paraphrases for the score).
-    The bar is the carrying index's ``latent_bar`` in ``tuning.json`` (else AMGConfig's). Without a threshold, or
+    The bar is the carrying index's ``latent_bar`` in ``tuning.json`` (else AMGConfig's); a spot check at
+    :data:`SPOT_CHECK` (or the index's ``spot_check``) gives every image one full check. Without a threshold, or
     with no index carrying a screen, there is no default screen and every check is a full one."""
     if latent_screen is False or (isinstance(latent_screen, str) and latent_screen.lower() in ("off", "false")):
         return None, overrides
@@ -296,6 +305,7 @@ def screening(indexes: list, threshold: float | None, latent_screen=None, **over
         carried = index_latent_screen(index)
         if carried is not None:
             bar = index_tuning(index).get("latent_bar")
-            defaults = {"screen": threshold} | ({"latent_bar": bar} if bar is not None else {})
+            spot = index_tuning(index).get("spot_check", SPOT_CHECK)
+            defaults = {"screen": threshold, "spot_check": spot} | ({"latent_bar": bar} if bar is not None else {})
             return carried, defaults | {k: v for k, v in overrides.items() if v is not None}
     return None, overrides

@@ -337,6 +337,7 @@ def test_a_latent_screen_spares_clean_images_the_full_check_and_keeps_copies(tmp
 def test_a_screen_the_index_carries_is_on_by_default_with_a_threshold_and_can_be_turned_off(tmp_path, tiny_sd_path):
     """An index folder with latent-screen.safetensors: AMG screens with it and with the first-step score at the
     calibrated threshold, as if both were passed; without a threshold, or with latent_screen="off", it does not."""
+    from memfree.guidance import SPOT_CHECK
     from memfree.similarity import SCREEN_FILE, LatentScreen, write_index_tuning
     pipe = _open(tiny_sd_path, "sd")
     index = _plant(tmp_path, _gen(pipe, steps=6).images)
@@ -345,14 +346,21 @@ def test_a_screen_the_index_carries_is_on_by_default_with_a_threshold_and_can_be
     write_index_tuning(index.path, latent_bar=0.25)
     options = {**STRONG, "always_on": False, "lam_lo": 0.0, "lam_hi": 0.0, "check_every": 1}
     with protect(pipe, "amg", index=index.path, threshold=1e9, **options) as guard:
-        carried = _gen(pipe, steps=6)          # the score flags none and no latent is near: no full check
-        assert guard._screening[1]["screen"] == 1e9 and guard._screening[1]["latent_bar"] == 0.25
-    assert all(r.amg["screened_out"] and r.amg["checked_steps"] == 0 and r.amg["latent_checked_steps"] == len(r.scores)
-               and not r.mitigated for r in carried.memorization)
+        carried = _gen(pipe, steps=6)          # the score flags none and no latent is near: only the spot check,
+        settings = guard._screening[1]         # which finds the copy late and steers it from there on
+        assert settings["screen"] == 1e9 and settings["latent_bar"] == 0.25 and settings["spot_check"] == SPOT_CHECK
+    late = [k for k, t in enumerate(pipe.scheduler.timesteps) if t <= SPOT_CHECK * 1000]
+    assert late and late[0] >= 2
+    assert all(r.amg["screened_out"] and r.amg["fired_steps"]["sim"] == late and r.mitigated
+               and r.amg["latent_checked_steps"] == len(r.scores) for r in carried.memorization)
     with protect(pipe, "amg", index=index.path, threshold=1e9, latent_screen=far, screen=1e9, latent_bar=0.25,
-                 **options):
+                 spot_check=SPOT_CHECK, **options):
         explicit = _gen(pipe, steps=6)
     assert np.array_equal(carried.images, explicit.images)
+    write_index_tuning(index.path, spot_check=0)   # the index's own value wins; 0: no spot check
+    with protect(pipe, "amg", index=index.path, threshold=1e9, **options):
+        unspotted = _gen(pipe, steps=6)
+    assert all(r.amg["checked_steps"] == 0 and not r.mitigated for r in unspotted.memorization)
     with protect(pipe, "amg", index=index.path, threshold=0.0, **options):
         flagged = _gen(pipe, steps=6)          # every image flagged by its score: the full check at every step
     assert all(r.amg["checked_steps"] == len(r.scores) and r.mitigated for r in flagged.memorization)
