@@ -44,7 +44,8 @@ def tuning_triggers(tb: Testbed, kind: str = "faces", per_face: int = 4) -> list
     if kind == "paraphrase":
         used = {e["prompt"] for entries in tb.eval_sets.values() for e in entries}
         rng = np.random.default_rng(PARAPHRASE_SEED)
-        rewrites = [{**e, "prompt": paraphrase(e["prompt"], rng), "set": "paraphrase"} for e in tb.eval_sets["verbatim"]]
+        rewrites = [{**e, "prompt": paraphrase(e["prompt"], rng), "set": "paraphrase"}
+                    for e in tb.eval_sets["verbatim"]]
         return [e for e in rewrites if e["prompt"] not in used]
     if kind == "suffix":
         return [{**e, "prompt": e["prompt"] + SUFFIX, "set": name}

@@ -143,8 +143,8 @@ def config_for(method: str, metric: str = "l2", threshold: float | None = None, 
 
 
 def _new_entry() -> dict:
-    return {"checked": 0, "latent_checked": 0, "screened_out": False, "watch": False, "spotted": False, "max_sigma": None,
-            "steps": []}
+    return {"checked": 0, "latent_checked": 0, "screened_out": False, "watch": False, "spotted": False,
+            "max_sigma": None, "steps": []}
 
 
 @dataclass
@@ -186,7 +186,8 @@ class AMG:
             spot_only = {j for j, k in zip(rows, keep) if spot and not k}
             rows = [j for j, k in zip(rows, keep) if k or spot]
         elif spot:
-            spot_only = {j for j in rows if self.log[s.indices[j]]["screened_out"] and not self.log[s.indices[j]]["watch"]}
+            spot_only = {j for j in rows if self.log[s.indices[j]]["screened_out"]
+                         and not self.log[s.indices[j]]["watch"]}
         if not rows:
             return
         a = s.alpha_bar
