@@ -149,11 +149,10 @@ def build_testbed_index(model_dir: str | Path, out_dir: str | Path | None = None
 
 
 def attach_amg_companions(model_dir: str | Path, latent_bar: float = 0.3, pixel_size: int = 32,
-                          pixel_gate_hi: float = 0.25, progress: bool = True) -> tuple[TrainingIndex, Path]:
+                          progress: bool = True) -> tuple[TrainingIndex, Path]:
     """What a latent testbed ships for AMG beside its copy-detector index: a pixel index in ``index-pixels/``
     (thumbnails in fp16, a second similarity AMG must escape, since a small learned embedder alone can be
-    fooled) with its gate at t = 0 (``pixel_gate_hi``, a margin under the copy verdict's σ 0.3), and, in
-    ``index/``, a latent screen of the training images' VAE latents with its bar."""
+    fooled) and, in ``index/``, a latent screen of the training images' VAE latents with its bar."""
     import torch
     from diffusers import AutoencoderKL
     from memfree.images import from_uint8
@@ -170,14 +169,4 @@ def attach_amg_companions(model_dir: str | Path, latent_bar: float = 0.3, pixel_
         screen = LatentScreen.from_images(vae, from_uint8(images))
     path = screen.save(model_dir / "index" / SCREEN_FILE)
     write_index_tuning(model_dir / "index", latent_bar=latent_bar)
-    write_pixel_tuning(model_dir, pixel_gate_hi)
     return pixels, path
-
-
-def write_pixel_tuning(model_dir: str | Path, gate_hi: float = 0.25) -> Path:
-    """The pixel index's AMG gate at t = 0, in ``index-pixels/tuning.json`` (docs/testbed-latent.md: at the pixel
-    preset's 0.28 an image held at the gate could end a hair over the verdict's σ 0.3)."""
-    from memfree.similarity import write_index_tuning
-    return write_index_tuning(Path(model_dir) / "index-pixels", amg={"amg": {"lam_hi": gate_hi}},
-                              tuned_on="experiments/amg_tune.py --triggers faces on captions and seeds the benchmark "
-                                       "does not use (docs/results/latent/amg-tune-faces.jsonl)")
