@@ -31,7 +31,8 @@ Beyond the paper, two ways to make ordinary prompts pay next to nothing:
   signal is enough, and an image the score does not flag is still checked whenever its x̂0 comes close
   to a training latent. Both are on by default when an index carries a latent screen and the model has
   a calibrated threshold (:func:`screening`). What neither signal sees (a copy by a learned embedder's verdict
-  that is no copy in pixels or latents) a ``spot_check`` catches: one full check of every image at one noise level.
+  that is no copy in pixels or latents) a ``spot_check`` catches: one full check at one noise level of every image
+  the score came near flagging (``spot_floor``).
 """
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ from memfree.similarity import (index_latent_screen, index_tuning, is_latent_ind
                                 similarity_to)
 
 TERMS = ("spe", "dup", "sim")
-SPOT_CHECK = 0.3   # with the default screens: every image gets one full check at t/T = 0.3 (docs/testbed-latent.md)
+# With the default screens (docs/testbed-latent.md, "AMG as shipped"): one full check at t/T = 0.3 of every image
+# scored at least 0.7 of the threshold at the first step, and images under watch checked every second step.
+SCREEN_DEFAULTS = {"spot_check": 0.3, "spot_floor": 0.7, "watch_every": 2}
+SPOT_CHECK = SCREEN_DEFAULTS["spot_check"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,8 @@ class AMGConfig:
     always_on: bool = False       # ablation: ignore the gate, guide at every step
     screen: float | None = None   # two-stage gate: skip images whose first-step score is under this
     check_every: int = 4          # check σ every n-th step until an image is under watch ...
-    watch: float = 0.2            # ... which it is once σ passes this (or the gate fires)
+    watch: float = 0.2            # ... which it is once σ passes this (or the gate fires); from then on it is
+    watch_every: int = 1          # checked every n-th step, and at every step after a check the gate fired at
     k: int = 50                   # neighbours for nL2
     alpha: float = 0.5
     grid: int = 0                 # >0: the ∇σ step averages to zero over each cell of a grid×grid split
@@ -74,6 +79,8 @@ class AMGConfig:
                                   # escape a learned embedder by fine-grained changes it alone notices
     spot_check: float | None = None  # with a screen: at the first step with t/T at or under this, every image gets
                                      # one full check all the same (one it acts on stays under watch); ≤ 0: none
+    spot_floor: float | None = None  # the spot check covers only images scored at least spot_floor·screen at the
+                                     # first step (None or 0: every image)
 
     def gate(self, t: float, num_train_timesteps: int = 1000) -> float:
         r = min(max(float(t) / num_train_timesteps, 0.0), 1.0)
@@ -135,16 +142,17 @@ def config_for(method: str, metric: str = "l2", threshold: float | None = None, 
     bad = set(cfg.terms) - set(TERMS)
     if bad:
         raise ValueError(f"unknown AMG term(s) {', '.join(sorted(bad))}; terms are {', '.join(TERMS)}")
-    if cfg.check_every < 1:
-        raise ValueError("check_every must be at least 1")
+    if cfg.check_every < 1 or cfg.watch_every < 1:
+        raise ValueError("check_every and watch_every must be at least 1")
     if cfg.grid < 0 or cfg.smooth < 0:
         raise ValueError("grid and smooth must be 0 (off) or a positive number of cells per side")
     return cfg
 
 
 def _new_entry() -> dict:
-    return {"checked": 0, "latent_checked": 0, "screened_out": False, "watch": False, "spotted": False,
-            "max_sigma": None, "steps": []}
+    return {"checked": 0, "latent_checked": 0, "screened_out": False, "first_score": math.inf, "watch": False,
+            "spotted": False, "fired_last": False, "max_sigma": None,
+            "steps": []}
 
 
 @dataclass
@@ -164,7 +172,9 @@ class AMG:
             return True
         if e["screened_out"] and self.latent_screen is None:
             return False
-        return e["watch"] or step % self.config.check_every == 0
+        if e["watch"]:
+            return e["fired_last"] or step % self.config.watch_every == 0
+        return step % self.config.check_every == 0
 
     def __call__(self, s: StepState) -> None:
         cfg, model = self.config, s.model
@@ -172,11 +182,12 @@ class AMG:
             scores = s.score if self.first_scores is None else self.first_scores[s.indices]
             for j, i in enumerate(s.indices):
                 self.log[i]["screened_out"] = bool(scores[j] < cfg.screen)
+                self.log[i]["first_score"] = float(scores[j])
         spot = self._spot_due(s)
         rows = [j for j, i in enumerate(s.indices) if self._due(s.step, i, spot)]
         spot_only: set[int] = set()   # rows checked only because of the spot check
         if rows and self.latent_screen is not None:   # the cheap first stage: x̂0 against training latents
-            lat = self.latent_screen.similarity(predict_x0(s.x_t[rows], s.eps[rows].detach(), s.alpha_bar))
+            lat = self._latent_sigma(s, rows)
             for j in rows:
                 self.log[s.indices[j]]["latent_checked"] += 1
             # with both screens either signal is enough: images the first-step score flags skip the latent filter
@@ -184,10 +195,11 @@ class AMG:
             keep = [self.log[s.indices[j]]["watch"] or bool(lat[r] > cfg.latent_bar)
                     or (flagged and not self.log[s.indices[j]]["screened_out"]) for r, j in enumerate(rows)]
             spot_only = {j for j, k in zip(rows, keep) if spot and not k}
-            rows = [j for j, k in zip(rows, keep) if k or spot]
+            rows = [j for j, k in zip(rows, keep) if k or (spot and self._spot_covers(s, j))]
         elif spot:
             spot_only = {j for j in rows if self.log[s.indices[j]]["screened_out"]
                          and not self.log[s.indices[j]]["watch"]}
+            rows = [j for j in rows if j not in spot_only or self._spot_covers(s, j)]
         if not rows:
             return
         a = s.alpha_bar
@@ -204,6 +216,7 @@ class AMG:
             e["checked"] += 1
             near_watch = bool(sig[r] > cfg.watch) and j not in spot_only   # a spot check watches only what it acts on
             e["watch"] = e["watch"] or near_watch or bool(fire[r])
+            e["fired_last"] = bool(fire[r])
             e["max_sigma"] = max(float(sig[r]), e["max_sigma"] if e["max_sigma"] is not None else -math.inf)
         if not fire.any():
             return
@@ -260,17 +273,40 @@ class AMG:
             self.log[i]["spotted"] = True
         return bool(fresh)
 
+    def _spot_covers(self, s: StepState, j: int) -> bool:
+        """Whether the spot check covers batch row j: every image, or with ``spot_floor`` only those whose first-step
+        score is at least spot_floor·screen (the near misses of the score screen)."""
+        cfg = self.config
+        if not cfg.spot_floor or cfg.screen is None:
+            return True
+        return self.log[s.indices[j]]["first_score"] >= cfg.spot_floor * cfg.screen
+
     @staticmethod
-    def _decoded(s: StepState, rows: list[int], x0: torch.Tensor, view) -> torch.Tensor:
-        """x̂0 decoded for the check; a decode another AMG piece made of the same ε̂ and rows at this step is
-        reused (several indexes check the same images: one decode serves them all until one of them acts)."""
-        last = s.shared.get("amg_decoded")
-        if last is not None and last[0] is s.eps and last[1] == rows:
-            return last[2]
-        with torch.no_grad():
-            images = view(x0)
-        s.shared["amg_decoded"] = (s.eps, list(rows), images)
-        return images
+    def _per_row(s: StepState, key: str, rows: list[int], compute) -> torch.Tensor:
+        """``compute(rows)`` for the rows no other AMG piece has computed it for at this step and ε̂ (several indexes
+        check the same images: one decode or latent search serves them all until one of them changes ε̂)."""
+        cached = s.shared.get(key)
+        if cached is None or cached[0] is not s.eps:
+            cached = (s.eps, {})
+            s.shared[key] = cached
+        done = cached[1]
+        missing = [j for j in rows if j not in done]
+        if missing:
+            with torch.no_grad():
+                for j, value in zip(missing, compute(missing)):
+                    done[j] = value
+        return torch.stack([done[j] for j in rows])
+
+    def _latent_sigma(self, s: StepState, rows: list[int]) -> torch.Tensor:
+        """The latent screen's σ of x̂0 for these rows."""
+        screen = self.latent_screen
+        return self._per_row(s, f"amg_latent_{id(screen)}", rows, lambda r: screen.similarity(
+            predict_x0(s.x_t[r], s.eps[r].detach(), s.alpha_bar)))
+
+    def _decoded(self, s: StepState, rows: list[int], x0: torch.Tensor, view) -> torch.Tensor:
+        """x̂0 of these rows decoded for the check (``x0`` holds them in the order of ``rows``)."""
+        where = {j: q for q, j in enumerate(rows)}
+        return self._per_row(s, "amg_decoded", rows, lambda r: view(x0[[where[j] for j in r]]))
 
     def summary(self, i: int) -> dict:
         """What AMG did to image i: similarity checks run, steps at which each term fired, peak σ."""
@@ -292,9 +328,9 @@ def screening(indexes: list, threshold: float | None, latent_screen=None, **over
     By default (None) the screen an index folder carries (``latent-screen.safetensors``) is used together with the
     first-step score screen at the calibrated ``threshold``, either signal sending an image to the full check:
     each covers the other's blind spot (caption templates for the latent one, paraphrases for the score).
-    The bar is the carrying index's ``latent_bar`` in ``tuning.json`` (else AMGConfig's); a spot check at
-    :data:`SPOT_CHECK` (or the index's ``spot_check``) gives every image one full check. Without a threshold, or
-    with no index carrying a screen, there is no default screen and every check is a full one."""
+    The bar is the carrying index's ``latent_bar`` in ``tuning.json`` (else AMGConfig's); the spot check and the
+    watch cadence are :data:`SCREEN_DEFAULTS` unless that file holds its own. Without a threshold, or with no index
+    carrying a screen, there is no default screen and every check is a full one."""
     if latent_screen is False or (isinstance(latent_screen, str) and latent_screen.lower() in ("off", "false")):
         return None, overrides
     if latent_screen is not None:
@@ -305,8 +341,9 @@ def screening(indexes: list, threshold: float | None, latent_screen=None, **over
     for index in indexes:
         carried = index_latent_screen(index)
         if carried is not None:
-            bar = index_tuning(index).get("latent_bar")
-            spot = index_tuning(index).get("spot_check", SPOT_CHECK)
-            defaults = {"screen": threshold, "spot_check": spot} | ({"latent_bar": bar} if bar is not None else {})
+            tuned = index_tuning(index)
+            bar = tuned.get("latent_bar")
+            defaults = ({"screen": threshold} | {k: tuned.get(k, v) for k, v in SCREEN_DEFAULTS.items()}
+                        | ({"latent_bar": bar} if bar is not None else {}))
             return carried, defaults | {k: v for k, v in overrides.items() if v is not None}
     return None, overrides

@@ -91,7 +91,7 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return next(self.unet.parameters()).device   # diffusers' .device walks every module: slow per step
 
     @property
     def dtype(self) -> torch.dtype:

@@ -332,29 +332,46 @@ def test_a_latent_screen_spares_clean_images_the_full_check_and_keeps_copies(tmp
         clean = _gen(pipe, steps=6)
     assert np.array_equal(clean.images, neither.images)
     assert all(r.amg["checked_steps"] == 1 and not r.mitigated for r in clean.memorization)
+    # a spot floor: the spot check covers only the images scored at least spot_floor·screen at the first step
+    scores = [r.scores[0] for r in spotted.memorization]
+    assert max(scores) > min(scores)
+    screen = 10 * max(scores)
+    floor = (min(scores) + max(scores)) / 2 / screen
+    with protect(pipe, "amg", index=index, latent_screen=far, latent_bar=0.3, screen=screen, spot_check=spot,
+                 spot_floor=floor, **options):
+        floored = _gen(pipe, steps=6)
+    covered = [s >= floor * screen for s in scores]
+    assert any(covered) and not all(covered)
+    for i, (r, c) in enumerate(zip(floored.memorization, covered)):
+        like = spotted if c else neither
+        assert r.amg["checked_steps"] == like.memorization[i].amg["checked_steps"]
+        assert r.amg["fired_steps"] == like.memorization[i].amg["fired_steps"]
+        assert np.allclose(floored.images[i], like.images[i], atol=1e-5)   # batch-size rounding only
 
 
 def test_a_screen_the_index_carries_is_on_by_default_with_a_threshold_and_can_be_turned_off(tmp_path, tiny_sd_path):
     """An index folder with latent-screen.safetensors: AMG screens with it and with the first-step score at the
     calibrated threshold, as if both were passed; without a threshold, or with latent_screen="off", it does not."""
-    from memfree.guidance import SPOT_CHECK
+    from memfree.guidance import SCREEN_DEFAULTS, SPOT_CHECK, screening
     from memfree.similarity import SCREEN_FILE, LatentScreen, write_index_tuning
     pipe = _open(tiny_sd_path, "sd")
     index = _plant(tmp_path, _gen(pipe, steps=6).images)
     far = LatentScreen(torch.randn(60, 4, 4, 4, generator=torch.Generator().manual_seed(1)) * 3 + 10, grid=4)
     far.save(Path(index.path) / SCREEN_FILE)
-    write_index_tuning(index.path, latent_bar=0.25)
+    assert screening([index], 1e9)[1] == {"screen": 1e9} | SCREEN_DEFAULTS   # the defaults, with nothing tuned
+    write_index_tuning(index.path, latent_bar=0.25, spot_floor=0)   # the spot check covers every image
     options = {**STRONG, "always_on": False, "lam_lo": 0.0, "lam_hi": 0.0, "check_every": 1}
     with protect(pipe, "amg", index=index.path, threshold=1e9, **options) as guard:
         carried = _gen(pipe, steps=6)          # the score flags none and no latent is near: only the spot check,
         settings = guard._screening[1]         # which finds the copy late and steers it from there on
         assert settings["screen"] == 1e9 and settings["latent_bar"] == 0.25 and settings["spot_check"] == SPOT_CHECK
+        assert settings["spot_floor"] == 0 and settings["watch_every"] == SCREEN_DEFAULTS["watch_every"]
     late = [k for k, t in enumerate(pipe.scheduler.timesteps) if t <= SPOT_CHECK * 1000]
     assert late and late[0] >= 2
     assert all(r.amg["screened_out"] and r.amg["fired_steps"]["sim"] == late and r.mitigated
                and r.amg["latent_checked_steps"] == len(r.scores) for r in carried.memorization)
     with protect(pipe, "amg", index=index.path, threshold=1e9, latent_screen=far, screen=1e9, latent_bar=0.25,
-                 spot_check=SPOT_CHECK, **options):
+                 spot_check=SPOT_CHECK, spot_floor=0, watch_every=SCREEN_DEFAULTS["watch_every"], **options):
         explicit = _gen(pipe, steps=6)
     assert np.array_equal(carried.images, explicit.images)
     write_index_tuning(index.path, spot_check=0)   # the index's own value wins; 0: no spot check
