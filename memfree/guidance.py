@@ -50,8 +50,8 @@ from memfree.similarity import (index_latent_screen, index_tuning, is_latent_ind
 
 TERMS = ("spe", "dup", "sim")
 # With the default screens (docs/testbed-latent.md, "AMG as shipped"): one full check at t/T = 0.3 of every image
-# scored at least 0.7 of the threshold at the first step, and images under watch checked every second step.
-SCREEN_DEFAULTS = {"spot_check": 0.3, "spot_floor": 0.7, "watch_every": 2}
+# scored at least 0.7 of the threshold at the first step, and images under watch checked every third step.
+SCREEN_DEFAULTS = {"spot_check": 0.3, "spot_floor": 0.7, "watch_every": 3}
 SPOT_CHECK = SCREEN_DEFAULTS["spot_check"]
 
 
