@@ -69,7 +69,8 @@ class AMGConfig:
     screen: float | None = None   # two-stage gate: skip images whose first-step score is under this
     check_every: int = 4          # check σ every n-th step until an image is under watch ...
     watch: float = 0.2            # ... which it is once σ passes this (or the gate fires); from then on it is
-    watch_every: int = 1          # checked every n-th step, and at every step after a check the gate fired at
+    watch_every: int = 1          # checked every step, or with a screen, if the score did not flag it, every n-th
+                                  # step and at every step after a check the gate fired at
     k: int = 50                   # neighbours for nL2
     alpha: float = 0.5
     grid: int = 0                 # >0: the ∇σ step averages to zero over each cell of a grid×grid split
@@ -172,8 +173,8 @@ class AMG:
             return True
         if e["screened_out"] and self.latent_screen is None:
             return False
-        if e["watch"]:
-            return e["fired_last"] or step % self.config.watch_every == 0
+        if e["watch"]:   # the cadence under watch spares only images the score screen did not flag
+            return e["fired_last"] or not e["screened_out"] or step % self.config.watch_every == 0
         return step % self.config.check_every == 0
 
     def __call__(self, s: StepState) -> None:

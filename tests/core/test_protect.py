@@ -332,6 +332,17 @@ def test_a_latent_screen_spares_clean_images_the_full_check_and_keeps_copies(tmp
         clean = _gen(pipe, steps=6)
     assert np.array_equal(clean.images, neither.images)
     assert all(r.amg["checked_steps"] == 1 and not r.mitigated for r in clean.memorization)
+    # the watch cadence: an image under watch (σ > −1 from its first check on) that the score did not flag is checked
+    # every watch_every-th step while the gate stays shut, and at every step after a check the gate fired at; one the
+    # score flagged, at every step
+    cadence = {**options, "check_every": 4, "watch": -1.0, "watch_every": 3, "latent_bar": -1e9}   # all pass it
+    for screen_at, gate, every_third in ((1e9, 2.0, True), (0.0, 2.0, False), (1e9, -1.0, False)):
+        with protect(pipe, "amg", index=index, latent_screen=far, screen=screen_at,
+                     **{**cadence, "lam_lo": gate, "lam_hi": gate}):
+            watched = _gen(pipe, steps=6)
+        for r in watched.memorization:
+            steps = len(r.scores)
+            assert r.amg["checked_steps"] == (len(range(0, steps, 3)) if every_third else steps)
     # a spot floor: the spot check covers only the images scored at least spot_floor·screen at the first step
     scores = [r.scores[0] for r in spotted.memorization]
     assert max(scores) > min(scores)

@@ -84,15 +84,6 @@ def test_screen_and_cadence_count_checks(testbed):
     dense = AMG(index, AMGConfig(check_every=1, lam_lo=2.0, lam_hi=2.0))
     sample(model, prompts, 0, pieces=[dense], progress=False)
     assert [dense.summary(i)["checked_steps"] for i in (0, 1)] == [12, 12]
-    # under watch from the first check on (σ > −1): every watch_every-th step while the gate stays shut ...
-    watched = AMG(index, AMGConfig(check_every=4, watch=-1.0, watch_every=3, lam_lo=2.0, lam_hi=2.0))
-    sample(model, prompts, 0, pieces=[watched], progress=False)
-    assert [watched.summary(i)["checked_steps"] for i in (0, 1)] == [4, 4]   # steps 0, 3, 6, 9
-    # ... and every step after a check the gate fired at
-    firing = AMG(index, AMGConfig(check_every=4, watch=-1.0, watch_every=3, lam_lo=-1.0, lam_hi=-1.0, c3=0.0,
-                                  terms=("sim",)))
-    sample(model, prompts, 0, pieces=[firing], progress=False)
-    assert [firing.summary(i)["checked_steps"] for i in (0, 1)] == [12, 12]
     with pytest.raises(ValueError, match="watch_every"):
         config_for("amg", watch_every=0)
 
