@@ -31,8 +31,7 @@ Beyond the paper, two ways to make ordinary prompts pay next to nothing:
   signal is enough, and an image the score does not flag is still checked whenever its x̂0 comes close
   to a training latent. Both are on by default when an index carries a latent screen and the model has
   a calibrated threshold (:func:`screening`). What neither signal sees (a copy by a learned embedder's verdict
-  that is no copy in pixels or latents) a ``spot_check`` catches: one full check at one noise level of every image
-  the score came near flagging (``spot_floor``).
+  that is no copy in pixels or latents) a ``spot_check`` catches: one full check of every image at one noise level.
 """
 from __future__ import annotations
 
@@ -49,9 +48,9 @@ from memfree.similarity import (index_latent_screen, index_tuning, is_latent_ind
                                 similarity_to)
 
 TERMS = ("spe", "dup", "sim")
-# With the default screens (docs/testbed-latent.md, "AMG as shipped"): one full check at t/T = 0.3 of every image
-# scored at least 0.7 of the threshold at the first step, and images under watch checked every third step.
-SCREEN_DEFAULTS = {"spot_check": 0.3, "spot_floor": 0.7, "watch_every": 3}
+# With the default screens (docs/testbed-latent.md, "AMG as shipped"): one full check of every image at t/T = 0.3,
+# and images under watch that the score did not flag checked every third step.
+SCREEN_DEFAULTS = {"spot_check": 0.3, "watch_every": 3}
 SPOT_CHECK = SCREEN_DEFAULTS["spot_check"]
 
 
