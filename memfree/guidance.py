@@ -344,6 +344,7 @@ def screening(indexes: list, threshold: float | None, latent_screen=None, **over
             tuned = index_tuning(index)
             bar = tuned.get("latent_bar")
             defaults = ({"screen": threshold} | {k: tuned.get(k, v) for k, v in SCREEN_DEFAULTS.items()}
+                        | ({"spot_floor": tuned["spot_floor"]} if "spot_floor" in tuned else {})
                         | ({"latent_bar": bar} if bar is not None else {}))
             return carried, defaults | {k: v for k, v in overrides.items() if v is not None}
     return None, overrides
