@@ -151,8 +151,7 @@ def config_for(method: str, metric: str = "l2", threshold: float | None = None, 
 
 def _new_entry() -> dict:
     return {"checked": 0, "latent_checked": 0, "screened_out": False, "first_score": math.inf, "watch": False,
-            "spotted": False, "fired_last": False, "max_sigma": None,
-            "steps": []}
+            "spotted": False, "fired_last": False, "max_sigma": None, "steps": []}
 
 
 @dataclass
@@ -342,9 +341,7 @@ def screening(indexes: list, threshold: float | None, latent_screen=None, **over
         carried = index_latent_screen(index)
         if carried is not None:
             tuned = index_tuning(index)
-            bar = tuned.get("latent_bar")
             defaults = ({"screen": threshold} | {k: tuned.get(k, v) for k, v in SCREEN_DEFAULTS.items()}
-                        | ({"spot_floor": tuned["spot_floor"]} if "spot_floor" in tuned else {})
-                        | ({"latent_bar": bar} if bar is not None else {}))
+                        | {k: tuned[k] for k in ("latent_bar", "spot_floor") if tuned.get(k) is not None})
             return carried, defaults | {k: v for k, v in overrides.items() if v is not None}
     return None, overrides
