@@ -30,17 +30,18 @@ def normalised_l2(distances: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     return distances[:, 0] / (alpha * distances.mean(dim=1)).clamp(min=1e-12)
 
 
-def fast_l2(q: torch.Tensor, vectors64: torch.Tensor, norms64: torch.Tensor) -> torch.Tensor:
-    """ℓ2 from each query row (B, D) to every stored row, (B, N), by |a|² + |b|² − 2ab in float64: about ten times
-    faster on the CPU than the direct difference, and within about 1e-5 of it for vectors of a few hundred
-    dimensions (float64 keeps the cancellation small), which is all a screen or a latent search needs."""
-    q = q.to(vectors64.device, torch.float64)
-    d2 = (q * q).sum(1, keepdim=True) + norms64 - 2 * q @ vectors64.T
+def fast_l2(q: torch.Tensor, vectors: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """ℓ2 from each query row (B, D) to every stored row, (B, N), by |a|² + |b|² − 2ab in the stored rows' dtype:
+    about ten times faster on the CPU than the direct difference. In float64 it is within about 1e-5 of it for
+    vectors of a few hundred dimensions; float32 halves the time again and is within a few 1e-6 for the pooled
+    latents of a screen (values of order one), which is all a screen needs."""
+    q = q.to(vectors.device, vectors.dtype)
+    d2 = (q * q).sum(1, keepdim=True) + norms - 2 * q @ vectors.T
     return d2.clamp(min=0).sqrt().float()
 
 
-def _float64_rows(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    v = vectors.double().contiguous()
+def _rows_and_norms(vectors: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    v = vectors.to(dtype).contiguous()
     return v, (v * v).sum(1)
 
 
@@ -199,7 +200,7 @@ class LatentScreen:
         self.grid, self.alpha = int(grid), alpha
         self.vectors = F.adaptive_avg_pool2d(latents.float(), self.grid).flatten(1).contiguous()
         self.k = min(k, len(self.vectors))
-        self._rows = _float64_rows(self.vectors)
+        self._rows = _rows_and_norms(self.vectors, torch.float32)   # a screen: float32 is exact enough, twice as fast
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -231,7 +232,7 @@ class LatentScreen:
         screen = cls.__new__(cls)
         screen.grid, screen.k, screen.alpha = int(meta["grid"]), int(meta["k"]), float(meta["alpha"])
         screen.vectors = vectors.float()
-        screen._rows = _float64_rows(screen.vectors)
+        screen._rows = _rows_and_norms(screen.vectors, torch.float32)
         return screen
 
 
@@ -264,7 +265,7 @@ class LatentIndex:
         if len(captions) != len(vectors):
             raise ValueError(f"{len(captions)} captions for {len(vectors)} latents")
         self.vectors_ = vectors.contiguous()
-        self._rows = _float64_rows(self.vectors_)
+        self._rows = _rows_and_norms(self.vectors_)
         self.embedder = _LatentPool(grid, vectors.shape[1])
         self.captions = list(captions)
         self.ids = list(ids) if ids is not None else [str(i) for i in range(len(vectors))]
@@ -312,7 +313,7 @@ class LatentIndex:
         items = json.loads((folder / "items.json").read_text())
         index = cls.__new__(cls)
         index.vectors_, index.embedder = vectors, _LatentPool(grid, vectors.shape[1])
-        index._rows = _float64_rows(vectors)
+        index._rows = _rows_and_norms(vectors)
         index.captions, index.ids, index.path = items["captions"], items["ids"], folder
         return index
 
