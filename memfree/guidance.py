@@ -128,8 +128,9 @@ def _native_bf16() -> bool:
 
 
 def check_decode(model, x0: torch.Tensor, precision: str = "auto") -> torch.Tensor:
-    """x̂0 decoded for a check, in float32 but computed at ``precision`` (bf16 halves the cost of the decode on a CPU
-    with native bf16 and moves σ by about 0.002; the dissimilarity gradient always decodes in the model's dtype)."""
+    """x̂0 decoded for a check, returned in float32 but computed at ``precision``: bf16 makes the decode cheaper on a
+    CPU with native bf16 for a σ that moves by rounding only (docs/spec.md §8.4); the dissimilarity gradient always
+    decodes in the model's dtype."""
     on_cpu = x0.device.type == "cpu"
     if precision == "bf16" or (precision == "auto" and on_cpu and _native_bf16()):
         with torch.autocast(x0.device.type, dtype=torch.bfloat16):
