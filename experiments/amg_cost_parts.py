@@ -11,6 +11,7 @@ from collections import Counter
 
 import memfree.guidance as guidance
 from common import experiment_parser, open_testbed
+from memfree.cli import parse_options
 from memfree.io import write_json
 from memfree.mitigate import generate
 
@@ -19,7 +20,7 @@ parser.add_argument("--rounds", type=int, default=4)
 parser.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", help="an AMG option, repeatable")
 parser.add_argument("--out", required=True, metavar="JSON")
 args = parser.parse_args()
-options = {k: (float(v) if v.replace(".", "", 1).isdigit() else v) for k, v in (o.split("=", 1) for o in args.opt)}
+options = parse_options("amg", tuple(args.opt))   # typed as `memfree generate --opt` types them
 
 seconds, calls, rows = Counter(), Counter(), Counter()
 

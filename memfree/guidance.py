@@ -82,8 +82,8 @@ class AMGConfig:
                                      # one full check all the same (one it acts on stays under watch); ≤ 0: none
     spot_floor: float | None = None  # the spot check covers only images scored at least spot_floor·screen at the
                                      # first step (None or 0: every image)
-    check_precision: str = "auto"    # the decode a check measures σ on (never the gradient's): "fp32", "bf16", or
-                                     # "auto", bf16 where the CPU computes it natively (on the GPU, the VAE's dtype)
+    check_precision: str = "auto"    # the decode a check measures σ on (never the gradient's): "bf16", "fp32" (the
+                                     # VAE's own dtype, no autocast) or "auto", bf16 where the CPU computes it natively
 
     def gate(self, t: float, num_train_timesteps: int = 1000) -> float:
         r = min(max(float(t) / num_train_timesteps, 0.0), 1.0)
